@@ -1,0 +1,281 @@
+"""``fxprune.compile`` and its result.
+
+The keyword form is sugar for the default pipeline::
+
+    group(unknown_ops, ignore, allow_lossy) | importance | select(ratio|threshold|target_macs) | rewrite | verify
+
+Every option is validated before any work starts; the user's model is deep-copied before tracing, so
+nothing fxprune does can change it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import meta
+from .errors import ConfigError, InputError
+from .flops import count_cost
+from .ir import ChannelGroup, Selection
+from .passes import GroupChannels, ImportancePass, Rewrite, Select, Verify
+from .passes.importance import IMPORTANCE, _named as named_importance
+from .pipeline import Context, Pass, Pipeline
+from .rules import RULES, Rule, RuleTable
+from .trace import copy_model, normalize_inputs, propagate_shapes, trace
+
+__all__ = ["compile", "CompileResult", "Report", "prepare", "register_module_rule", "register_function_rule",
+           "register_method_rule"]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    kind: str
+    before: tuple[int, ...]
+    after: tuple[int, ...]
+    macs_before: int
+    macs_after: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """Params and MACs before/after, plus a per-layer width table (``print(report)``)."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    layers: tuple[LayerRow, ...] = ()
+    groups_total: int = 0
+    groups_pruned: int = 0
+    blocked: tuple[tuple[str, str], ...] = ()  # (group root, reason) of groups that could not be pruned
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    def table(self, only_changed: bool = True) -> str:
+        rows = [r for r in self.layers if (r.before != r.after or not only_changed)]
+        w = max([len(r.name) for r in rows] + [5])
+        lines = [f"{'layer':<{w}}  {'type':<18} {'shape before':>20} → {'shape after':<20} {'MACs before':>12} → MACs after"]
+        for r in rows:
+            lines.append(
+                f"{r.name:<{w}}  {r.kind:<18} {str(r.before):>20} → {str(r.after):<20} "
+                f"{_h(r.macs_before):>12} → {_h(r.macs_after)}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head = (
+            f"fxprune: params {_h(self.params_before)} → {_h(self.params_after)} "
+            f"({self.params_after / max(self.params_before, 1):.1%}), MACs {_h(self.macs_before)} → "
+            f"{_h(self.macs_after)} ({self.macs_after / max(self.macs_before, 1):.1%}); "
+            f"{self.groups_pruned}/{self.groups_total} groups pruned in {self.seconds:.2f}s"
+        )
+        parts = [head, self.table()]
+        if self.blocked:
+            parts.append(f"{len(self.blocked)} groups kept whole:")
+            parts += [f"  {root}: {why}" for root, why in self.blocked[:20]]
+            if len(self.blocked) > 20:
+                parts.append(f"  … and {len(self.blocked) - 20} more")
+        parts += [f"note: {n}" for n in self.notes]
+        return "\n".join(parts)
+
+
+def _h(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile` returns: the new module, the report, and everything needed to inspect it."""
+
+    module: fx.GraphModule
+    report: Report
+    original: fx.GraphModule
+    analysis: Any
+    selection: Selection
+    pipeline: Pipeline
+    context: Context
+
+    @property
+    def groups(self) -> tuple[ChannelGroup, ...]:
+        return self.analysis.groups if self.analysis is not None else ()
+
+
+def register_module_rule(types: type | Iterable[type], rule: Rule, table: RuleTable = RULES) -> Rule:
+    """Register ``rule`` for a module type (and its subclasses that do not override ``forward``).
+
+    Registered module types are traced as single nodes (leaves)."""
+    return table.register_module(types, rule)
+
+
+def register_function_rule(fns: Any, rule: Rule, table: RuleTable = RULES) -> Rule:
+    return table.register_function(fns, rule)
+
+
+def register_method_rule(names: str | Iterable[str], rule: Rule, table: RuleTable = RULES) -> Rule:
+    return table.register_method(names, rule)
+
+
+def _resolve_importance(importance: Any, normalize: str | None, reduction: str, seed: int) -> Pass:
+    if isinstance(importance, Pass):
+        return importance
+    if isinstance(importance, str):
+        if importance not in IMPORTANCE:
+            raise ConfigError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCE)}, or pass an "
+                              "ImportancePass object")
+        return named_importance(importance, normalize=normalize, reduction=reduction, seed=seed)
+    raise ConfigError(f"importance must be a name ({', '.join(IMPORTANCE)}) or a Pass, got {type(importance).__name__}")
+
+
+def prepare(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] = (),
+            rules: RuleTable = RULES) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """Copy, trace and shape-propagate ``model`` (used by :func:`compile` and by the testing helpers)."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    work = copy_model(model)
+    work.eval()
+    gm = trace(work, rules.has_module_rule, leaf_modules)
+    propagate_shapes(gm, inputs)
+    meta.put(gm, "cost", count_cost(gm))
+    return gm, inputs
+
+
+def _check_ignore(model: nn.Module, ignore: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    names = dict(model.named_modules())
+    bad = [n for n in ignore if not isinstance(n, str) or n not in names]
+    if bad:
+        close = [n for n in names if n and any(str(b).split(".")[-1] in n for b in bad)][:5]
+        raise ConfigError(
+            f"ignore: no module named {', '.join(map(repr, bad))} in the model"
+            + (f" (similar: {', '.join(close)})" if close else "")
+        )
+    return tuple(ignore)
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    importance: str | Pass = "l2",
+    ratio: float | None = None,
+    threshold: float | None = None,
+    global_ranking: bool = False,
+    target_macs: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    ignore: Iterable[str] = (),
+    min_keep: int = 1,
+    round_to: int = 1,
+    reduction: str = "sum",
+    normalize: str | None = None,
+    unknown_ops: str = "error",
+    allow_lossy: bool = False,
+    verify: bool | str = "shapes",
+    leaf_modules: Iterable[Any] = (),
+    pipeline: Any = None,
+    rules: RuleTable | None = None,
+    seed: int = 0,
+    callback: Callable[[Pass, Any], None] | None = None,
+) -> CompileResult:
+    """Trace ``model``, group coupled channels, score, select, and return a NEW smaller module.
+
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    >>> res = fxprune.compile(net, torch.randn(1, 3, 8, 8), ratio=0.5)
+    >>> res.module(torch.randn(1, 3, 8, 8)).shape, res.report.params_after < res.report.params_before
+    (torch.Size([1, 4, 4, 4]), True)
+
+    ``verify``: ``"shapes"`` (default) checks output shapes; ``"equivalence"`` (or True) also checks the
+    result against the masked reference in float64; ``False``/``"none"`` skips verification.
+    """
+    t0 = time.perf_counter()
+    rules = rules or RULES
+    # -- validate everything before any work --------------------------------------------------------
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    ignore = _check_ignore(model, ignore)
+    if verify is True:
+        verify = "equivalence"
+    if verify is False or verify is None:
+        verify = "none"
+    if verify not in ("shapes", "equivalence", "none"):
+        raise ConfigError(f"verify must be 'shapes', 'equivalence', 'none' or a bool, got {verify!r}")
+    if pipeline is None:
+        if ratio is None and threshold is None and target_macs is None and not ratios:
+            raise ConfigError("give one of ratio=, threshold= or target_macs= (or a pipeline=)")
+        if global_ranking and normalize is None:
+            normalize = "mean"  # make scores comparable across groups
+        imp = _resolve_importance(importance, normalize, reduction, seed)
+        sel = Select(ratio=ratio if (ratio is not None or threshold is not None or target_macs is not None) else 0.0,
+                     threshold=threshold, global_ranking=global_ranking, target_macs=target_macs,
+                     min_keep=min_keep, round_to=round_to, ratios=dict(ratios or {}))
+        passes: list[Pass] = [GroupChannels(unknown_ops, ignore, allow_lossy, rules if rules is not RULES else None),
+                              imp, sel, Rewrite()]
+        if verify != "none":
+            passes.append(Verify(equivalence=(verify == "equivalence")))
+        pipe = Pipeline(tuple(passes))
+    else:
+        pipe = Pipeline.parse(pipeline)
+    pipe.check()
+    # -- work ---------------------------------------------------------------------------------------
+    gm, inputs = prepare(model, inputs, leaf_modules, rules)
+    ctx = Context(model=model, example_inputs=inputs, original=gm, seed=seed)
+    before = meta.get(gm, "cost")
+    out = pipe.run(gm, ctx, callback)
+    if out is gm:  # a pipeline without a rewrite still returns a module distinct from the original
+        from .passes.rewrite import rewrite_graph
+        from .passes.group import analyze_graph
+
+        out = rewrite_graph(gm, meta.get(gm, "groups") or analyze_graph(gm, rules, "block"), Selection(), inputs)
+    out.train(model.training)
+    after = meta.get(out, "cost") or count_cost(out)
+    analysis = ctx.extras.get("analysis") or meta.get(gm, "groups")
+    selection = ctx.extras.get("selection") or Selection()
+    report = _report(gm, out, before, after, analysis, selection, ctx, time.perf_counter() - t0)
+    return CompileResult(out, report, gm, analysis, selection, pipe, ctx)
+
+
+def _main_weight(m: nn.Module) -> tuple[int, ...]:
+    for pname in ("weight", "q_proj_weight", "in_proj_weight"):
+        t = getattr(m, pname, None)
+        if isinstance(t, torch.Tensor):
+            return tuple(t.shape)
+    return ()
+
+
+def _report(gm, out, before, after, analysis, selection, ctx, seconds) -> Report:
+    rows = []
+    new_mods = dict(out.named_modules())
+    for name, m in gm.named_modules():
+        if not name or not any(True for _ in m.parameters(recurse=False)):
+            continue
+        nm = new_mods.get(name)
+        rows.append(LayerRow(name, type(m).__name__, _main_weight(m), _main_weight(nm) if nm is not None else (),
+                             before.per_module.get(name, 0), after.per_module.get(name, 0)))
+    blocked = ()
+    total = 0
+    if analysis is not None:
+        total = len(analysis.groups)
+        blocked = tuple((g.root, g.blocked) for g in analysis.groups if g.blocked and g.size > 1)
+    return Report(before.params, after.params, before.macs, after.macs, tuple(rows), total, len(selection.keep),
+                  blocked, tuple(ctx.notes), seconds)

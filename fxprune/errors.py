@@ -1,0 +1,75 @@
+"""One exception hierarchy for fxprune.
+
+Every error fxprune raises on purpose derives from :class:`FxpruneError`. Graph-related errors carry the
+node and, when torch.fx recorded it, the user's source line, so that the message points at the model code
+that caused it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "FxpruneError",
+    "ConfigError",
+    "InputError",
+    "TraceError",
+    "UnsupportedOpError",
+    "PipelineError",
+    "VerificationError",
+    "node_location",
+]
+
+
+class FxpruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class ConfigError(FxpruneError, ValueError):
+    """An option passed to fxprune is invalid (ratio out of range, unknown module name, ...)."""
+
+
+class InputError(FxpruneError, ValueError):
+    """The example inputs are unusable (not tensors, or the model fails to run on them)."""
+
+
+class TraceError(FxpruneError):
+    """The model cannot be captured as a graph by the tracing front end."""
+
+
+class PipelineError(FxpruneError):
+    """A pipeline is malformed: unknown pass, or a pass reads meta no earlier pass writes."""
+
+
+class VerificationError(FxpruneError):
+    """The pruned module does not match its specification (shapes or the masked reference)."""
+
+
+def node_location(node: Any) -> str:
+    """Return the last user frame of ``node``'s stack trace (``File "...", line N, in f`` + code), or ''."""
+    trace = getattr(node, "meta", {}).get("stack_trace") if node is not None else None
+    if not trace:
+        return ""
+    lines = [ln for ln in trace.strip().splitlines() if ln.strip()]
+    # fx records the innermost frame last: 'File "x.py", line 3, in forward' followed by the code line.
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].lstrip().startswith("File "):
+            return "\n".join(ln.strip() for ln in lines[i : i + 2])
+    return lines[-1].strip()
+
+
+class UnsupportedOpError(FxpruneError):
+    """An op has no channel rule; fxprune never guesses how an unknown op ties channels."""
+
+    def __init__(self, node: Any, op_key: str, reason: str, fix: str = "") -> None:
+        self.node = node
+        self.op_key = op_key
+        self.reason = reason
+        self.fix = fix
+        where = node_location(node)
+        msg = f"node '{getattr(node, 'name', node)}' ({op_key}): {reason}"
+        if where:
+            msg += f"\n  at {where}"
+        if fix:
+            msg += f"\n  fix: {fix}"
+        super().__init__(msg)

@@ -1,0 +1,417 @@
+"""Dependency analysis: run every node's rule, then solve the stated ties into channel groups.
+
+Solving: all axes' positions form one index space; ties are edges; connected components (a vectorised
+union-find in numpy) are *units* — sets of positions that must be removed together. Units that appear in
+the same producer axis (a conv's output channels) form a *group*. Everything is linear in the number of
+positions, so compile time grows linearly with depth.
+
+The result, :class:`Analysis`, is stored under the ``groups`` meta key; it holds the frozen
+:class:`~fxprune.ir.ChannelGroup` list and can turn a :class:`~fxprune.ir.Selection` into per-axis
+keep masks for the rewrite.
+"""
+
+from __future__ import annotations
+
+from ..trace import is_multi
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .. import meta
+from ..errors import ConfigError, UnsupportedOpError, node_location
+from ..ir import ChannelGroup, ChannelRef, Constraint, ParamSlice, Selection, fit_index_map, Explicit
+from ..pipeline import Context, Pass, PassResult
+from ..rules import RULES, RuleTable
+from ..rules.base import AxisTable, RuleContext, _lookup_tensor, op_key
+from ..trace import shape_of
+
+__all__ = ["Analysis", "analyze_graph", "GroupChannels", "components"]
+
+log = logging.getLogger(__name__)
+
+
+def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Connected-component label (smallest member id) of each of ``n`` elements, edges ``u[i]–v[i]``."""
+    parent = np.arange(n, dtype=np.int64)
+    if len(u) == 0:
+        return parent
+    while True:
+        pu, pv = parent[u], parent[v]
+        diff = pu != pv
+        if not diff.any():
+            return parent
+        lo = np.minimum(pu[diff], pv[diff])
+        hi = np.maximum(pu[diff], pv[diff])
+        np.minimum.at(parent, hi, lo)
+        while True:  # pointer jumping until every element points at its root
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+
+
+@dataclass
+class Analysis:
+    """Groups of a graph plus what the rewrite needs to map a selection to keep masks."""
+
+    table: AxisTable
+    labels: np.ndarray
+    groups: tuple[ChannelGroup, ...]
+    unit_labels: tuple[np.ndarray, ...]  # per group: component label of each unit
+    notes: tuple[str, ...] = ()
+
+    def group(self, gid: int) -> ChannelGroup:
+        return self.groups[gid]
+
+    @property
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def removed_labels(self, selection: Selection) -> np.ndarray:
+        removed = np.zeros(len(self.labels), dtype=bool)
+        for gid, kept in selection.keep:
+            g = self.groups[gid]
+            mask = np.ones(g.size, dtype=bool)
+            mask[list(kept)] = False
+            bad = set(np.flatnonzero(mask)) & set(g.pinned)
+            if bad:
+                raise ConfigError(f"selection removes pinned units {sorted(bad)[:5]} of group {gid}")
+            if g.blocked and mask.any():
+                raise ConfigError(f"selection prunes blocked group {gid} ({g.blocked})")
+            removed[self.unit_labels[gid][mask]] = True
+        return removed
+
+    def keep_fn(self, selection: Selection) -> Callable[[tuple], np.ndarray | None]:
+        removed = self.removed_labels(selection)
+        labels, axes = self.labels, self.table.axes
+
+        def keep_of(key: tuple) -> np.ndarray | None:
+            ax = axes.get(key)
+            if ax is None:
+                return None
+            k = ~removed[labels[ax.base : ax.base + ax.size]]
+            return None if k.all() else k
+
+        return keep_of
+
+    def describe(self, prunable_only: bool = False) -> str:
+        gs = self.prunable if prunable_only else self.groups
+        return "\n".join(g.describe() for g in gs)
+
+
+def _tensors_in(x: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(x, lambda n: out.append(n))
+    return out
+
+
+def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTable) -> list[str]:
+    notes: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if shape_of(node) is not None:
+                rc = RuleContext(table, gm, node, "input")
+                for ax in rc.all_dims(node):
+                    rc.pin(ax, "network input")
+            continue
+        if node.op == "output":
+            rc = RuleContext(table, gm, node, "output")
+            for x in _tensors_in(node.args):
+                tm = x.meta.get("tensor_meta")
+                if is_multi(tm):
+                    for i, t in enumerate(tm):
+                        if t is not None:
+                            for ax in rc.all_dims(x, i):
+                                rc.pin(ax, "network output")
+                elif tm is not None:
+                    for ax in rc.all_dims(x):
+                        rc.pin(ax, "network output")
+            continue
+        if node.op == "get_attr":
+            rc = RuleContext(table, gm, node, "get_attr")
+            shp = shape_of(node)
+            if shp is None:
+                continue
+            try:
+                _, _ = _lookup_tensor(gm, str(node.target))
+                owner, _, attr = str(node.target).rpartition(".")
+                mod = gm.get_submodule(owner) if owner else gm
+                is_state = attr in mod._parameters or attr in mod._buffers
+            except (AttributeError, ValueError):
+                is_state = False
+            for d in range(len(shp)):
+                if is_state:
+                    rc.tie(rc.out(d), rc.param(str(node.target), d, "other"))
+                else:
+                    rc.pin(rc.out(d), "constant tensor attribute")
+            continue
+        rule = rules.lookup(gm, node)
+        key = op_key(gm, node)
+        if rule is None:
+            if unknown == "error":
+                raise rules.missing(gm, node)
+            _block_node(gm, node, table, f"no rule for {key} at node '{node.name}'")
+            notes.append(f"blocked at {node.name}: no rule for {key}")
+            continue
+        rc = RuleContext(table, gm, node, rule.name)
+        try:
+            rule.analyze(node, rc)
+        except UnsupportedOpError:
+            raise
+        except Exception as exc:
+            if unknown == "error":
+                err = UnsupportedOpError(
+                    node, key, f"rule '{rule.name}' cannot handle this call ({type(exc).__name__}: {exc})",
+                    "register a more specific rule for this op, or fxprune.compile(..., unknown_ops='block')",
+                )
+                raise err from exc
+            _block_node(gm, node, table, f"rule {rule.name} failed at '{node.name}': {exc}")
+            notes.append(f"blocked at {node.name}: rule {rule.name} failed: {exc}")
+            continue
+        rc.finish()
+    return notes
+
+
+def _block_node(gm: fx.GraphModule, node: fx.Node, table: AxisTable, reason: str) -> None:
+    rc = RuleContext(table, gm, node, "blocked")
+    where = node_location(node)
+    full = reason + (f" ({where.splitlines()[0]})" if where else "")
+    for x in [*rc.tensor_args(), node]:
+        tm = x.meta.get("tensor_meta")
+        idxs = list(range(len(tm))) if is_multi(tm) else [None]
+        for i in idxs:
+            if shape_of(x, i) is not None:
+                for ax in rc.all_dims(x, i):
+                    rc.pin(ax, full, block_group=True)
+    if node.op == "call_module":  # its parameters cannot shrink either
+        for pname, p in gm.get_submodule(node.target).named_parameters():
+            for d in range(p.dim()):
+                rc.pin(rc.param(f"{node.target}.{pname}", d, "other"), full, block_group=True)
+
+
+def analyze_graph(
+    gm: fx.GraphModule,
+    rules: RuleTable = RULES,
+    unknown: str = "error",
+    ignore: Iterable[str] = (),
+    allow_lossy: bool = False,
+) -> Analysis:
+    """Group the coupled channels of ``gm`` (whose nodes must carry ``tensor_meta``)."""
+    if unknown not in ("error", "block"):
+        raise ConfigError(f"unknown_ops must be 'error' or 'block', got {unknown!r}")
+    table = AxisTable()
+    notes = _run_rules(gm, rules, unknown, table)
+    ignore = list(ignore)
+    if ignore:
+        for key in list(table.axes):
+            if key[0] == "p" and any(key[1].startswith(m + ".") for m in ignore):
+                table.pins.append((table.axes[key].ids(), f"ignored module {key[1].rpartition('.')[0]}", True))
+    n = table.n
+    us = [np.arange(a, a + s, dtype=np.int64) for a, _, s in table.eye] + [u for u, _ in table.maps]
+    vs = [np.arange(b, b + s, dtype=np.int64) for _, b, s in table.eye] + [v for _, v in table.maps]
+    u = np.concatenate(us) if us else np.zeros(0, dtype=np.int64)
+    v = np.concatenate(vs) if vs else np.zeros(0, dtype=np.int64)
+    labels = components(n, u, v)
+    return _build_groups(table, labels, allow_lossy, tuple(notes))
+
+
+def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes: tuple[str, ...]) -> Analysis:
+    n = len(labels)
+    # label -> group via producers: units sharing a producer axis are one group
+    group_of = np.full(n, -1, dtype=np.int64)
+    unit_of = np.full(n, -1, dtype=np.int64)
+    unit_lists: list[list[int]] = []
+    roots: list[str] = []
+    # union groups that share a label (a unit appearing in two producers merges their groups)
+    for key, root in table.producers:
+        ax = table.axes[key]
+        labs = labels[ax.base : ax.base + ax.size]
+        uniq, first = np.unique(labs, return_index=True)
+        uniq = uniq[np.argsort(first)]  # in position order
+        known = group_of[uniq]
+        gids = np.unique(known[known >= 0])
+        if len(gids) == 0:
+            gid = len(unit_lists)
+            unit_lists.append([])
+            roots.append(root)
+        else:
+            gid = int(gids[0])
+            for other in gids[1:]:  # merge other groups into gid
+                other = int(other)
+                for lab in unit_lists[other]:
+                    group_of[lab] = gid
+                unit_lists[gid].extend(unit_lists[other])
+                unit_lists[other] = []
+        new = uniq[group_of[uniq] < 0]
+        group_of[new] = gid
+        unit_lists[gid].extend(int(x) for x in new)
+    # compact away merged-empty groups
+    live = [g for g in range(len(unit_lists)) if unit_lists[g]]
+    remap = np.full(len(unit_lists) + 1, -1, dtype=np.int64)
+    for new_id, g in enumerate(live):
+        remap[g] = new_id
+        for pos, lab in enumerate(unit_lists[g]):
+            unit_of[lab] = pos
+    group_of = np.where(group_of >= 0, remap[group_of], -1)
+    unit_lists = [unit_lists[g] for g in live]
+    roots = [roots[g] for g in live]
+    ng = len(unit_lists)
+
+    # pins, blocks, lossy reasons per label
+    pinned = np.zeros(n, dtype=bool)
+    pin_reason: dict[int, str] = {}
+    block_reason: dict[int, str] = {}
+    for ids, reason, block in table.pins:
+        labs = labels[ids]
+        pinned[labs] = True
+        for g in np.unique(group_of[labs]):
+            if g >= 0:
+                pin_reason.setdefault(int(g), reason)
+                if block:
+                    block_reason.setdefault(int(g), reason)
+    lossy_reason: dict[int, str] = {}
+    for ids, reason in table.lossy:
+        for g in np.unique(group_of[labels[ids]]):
+            if g >= 0:
+                lossy_reason.setdefault(int(g), reason)
+
+    # members: every axis position that belongs to a group
+    members: list[list[Any]] = [[] for _ in range(ng)]
+    params: list[list[ParamSlice]] = [[] for _ in range(ng)]
+    axis_group_units: dict[tuple, dict[int, np.ndarray]] = {}
+    elem_group = group_of[labels]
+    for key in table.order:
+        ax = table.axes[key]
+        eg = elem_group[ax.base : ax.base + ax.size]
+        if (eg < 0).all():
+            continue
+        el = labels[ax.base : ax.base + ax.size]
+        per_group: dict[int, np.ndarray] = {}
+        for g in np.unique(eg[eg >= 0]):
+            g = int(g)
+            pos = np.flatnonzero(eg == g)
+            units = unit_of[el[pos]]
+            order = np.argsort(units, kind="stable")
+            pos, units = pos[order], units[order]
+            uu, counts = np.unique(units, return_counts=True)
+            per_group[g] = uu
+            if (counts == counts[0]).all():
+                span = fit_index_map(pos.reshape(len(uu), counts[0]))
+            else:
+                splits = np.split(pos, np.cumsum(counts)[:-1])
+                span = Explicit(tuple(tuple(int(p) for p in s) for s in splits))
+            unit_field = None if (len(uu) == len(unit_lists[g]) and (uu == np.arange(len(uu))).all()) else tuple(
+                int(x) for x in uu
+            )
+            if key[0] == "p":
+                info = table.params[key]
+                params[g].append(ParamSlice(key[1], key[2], span, info.role, info.groups, info.is_buffer, unit_field))
+            elif key[0] == "a":
+                members[g].append(ChannelRef(key[1], key[3], span, key[2], unit_field))
+        axis_group_units[key] = per_group
+
+    # constraints
+    cons: list[list[Constraint]] = [[] for _ in range(ng)]
+    for key, c in table.constraints:
+        ax = table.axes[key]
+        el = labels[ax.base : ax.base + ax.size]
+        eg = group_of[el]
+        if c.kind == "uniform":
+            nb = c.value
+            size = ax.size // nb
+            for g in np.unique(eg[eg >= 0]):
+                g = int(g)
+                blocks = []
+                for q in range(nb):
+                    blk = slice(q * size, (q + 1) * size)
+                    sel = eg[blk] == g
+                    blocks.append(tuple(sorted({int(x) for x in unit_of[el[blk][sel]]})))
+                flat = [x for b in blocks for x in b]
+                if len(flat) != len(set(flat)):
+                    block_reason.setdefault(g, f"units span several blocks of constraint {c.origin}")
+                    continue
+                cons[g].append(Constraint("uniform", nb, c.origin, tuple(blocks)))
+        else:
+            for g in np.unique(eg[eg >= 0]):
+                cons[int(g)].append(c)
+
+    groups = []
+    unit_labels = []
+    for g in range(ng):
+        labs = np.asarray(unit_lists[g], dtype=np.int64)
+        pin_units = tuple(int(x) for x in np.flatnonzero(pinned[labs]))
+        blocked = block_reason.get(g, "")
+        lossy = lossy_reason.get(g, "")
+        if lossy and not allow_lossy and not blocked:
+            blocked = f"{lossy}; pass allow_lossy=True to prune it anyway"
+        if not blocked and len(pin_units) == len(labs):
+            blocked = f"all channels pinned: {pin_reason.get(g, '')}"
+        c = _merge_uniform(cons[g])
+        if isinstance(c, str):
+            blocked = blocked or c
+            c = ()
+        groups.append(
+            ChannelGroup(
+                id=g,
+                size=len(labs),
+                channels=tuple(members[g]),
+                params=tuple(params[g]),
+                constraints=c,
+                blocked=blocked,
+                lossy=lossy if allow_lossy else "",
+                root=roots[g],
+                pinned=pin_units,
+                pin_reason=pin_reason.get(g, "") if pin_units else "",
+            )
+        )
+        unit_labels.append(labs)
+    return Analysis(table, labels, tuple(groups), tuple(unit_labels), notes)
+
+
+def _merge_uniform(cs: list[Constraint]) -> tuple[Constraint, ...] | str:
+    """Keep the finest uniform partition if every other one is a coarsening of it."""
+    uni = [c for c in cs if c.kind == "uniform"]
+    rest = tuple(c for c in cs if c.kind != "uniform")
+    if len(uni) <= 1:
+        return tuple(uni) + rest
+    uni.sort(key=lambda c: -c.value)
+    fine = uni[0]
+    owner = {u: i for i, b in enumerate(fine.blocks) for u in b}
+    for c in uni[1:]:
+        for b in c.blocks:
+            fine_blocks = {owner.get(u) for u in b}
+            sizes = {len(fine.blocks[i]) for i in fine_blocks if i is not None}
+            covered = sum(len(fine.blocks[i]) for i in fine_blocks if i is not None)
+            if None in fine_blocks or covered != len(b) or len(sizes) > 1:
+                return f"incompatible group constraints {fine.origin} / {c.origin}"
+    return (fine,) + rest
+
+
+@dataclass(frozen=True)
+class GroupChannels(Pass):
+    """Analysis pass: writes ``groups``.
+
+    ``unknown_ops``: ``"error"`` (default) raises on an op without a rule; ``"block"`` keeps every channel
+    it touches and records why. ``ignore``: module names whose channels all stay. ``allow_lossy``: prune
+    through GroupNorm/LayerNorm over channels (not exactly lossless; reported).
+    """
+
+    name: ClassVar[str] = "group"
+    reads: ClassVar[tuple[str, ...]] = ("shapes",)
+    writes: ClassVar[tuple[str, ...]] = ("groups",)
+
+    unknown_ops: str = "error"
+    ignore: tuple[str, ...] = ()
+    allow_lossy: bool = False
+    rules: RuleTable | None = None
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        analysis = analyze_graph(gm, self.rules or RULES, self.unknown_ops, tuple(self.ignore), self.allow_lossy)
+        meta.put(gm, "groups", analysis)
+        ctx.notes.extend(analysis.notes)
+        return PassResult(gm, False, {"groups": len(analysis.groups), "prunable": len(analysis.prunable)})

@@ -1,0 +1,207 @@
+"""Importance passes: one score per unit of every prunable group (higher = more important).
+
+Criteria never dispatch on op type: a group lists its parameter slices, so a criterion is a reduction
+over tensors. ``MagnitudeImportance`` takes the Lp norm of every slice a unit owns (``roles`` picks which:
+producers' output filters, consumers' input kernels, norm affine parameters), reduces over slices
+(``reduction``: sum / mean / max), optionally normalising each slice's scores first
+(``layer_normalize``) and each group's scores after (``normalize``, useful for global ranking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .. import meta
+from ..errors import ConfigError
+from ..ir import ChannelGroup, ParamSlice, Span, member_units
+from ..pipeline import Context, Pass, PassResult
+from ..rules.base import _lookup_tensor
+
+__all__ = [
+    "ImportancePass",
+    "MagnitudeImportance",
+    "BNScaleImportance",
+    "RandomImportance",
+    "slice_values",
+    "normalize_scores",
+    "IMPORTANCE",
+]
+
+
+def slice_values(t: torch.Tensor, ps: ParamSlice) -> tuple[np.ndarray, "torch.Tensor | list[torch.Tensor]"]:
+    """(group units, values): a (units, n) tensor, or one flat tensor per unit for ragged maps."""
+    t = t.detach()
+    if ps.groups > 1:  # grouped conv input dim: address (group block, row, col) as full in-channel index
+        g = ps.groups
+        t = t.reshape(g, t.shape[0] // g, t.shape[1], -1).permute(0, 2, 1, 3).reshape(g * t.shape[1], -1)
+    else:
+        t = t.movedim(ps.dim, 0).reshape(t.shape[ps.dim], -1)
+    units = member_units(ps)
+    sp = ps.span
+    if isinstance(sp, Span) and sp.start == 0 and sp.repeat == 1 and sp.stride == sp.block and sp.size * sp.block == t.shape[0]:
+        return units, t.reshape(sp.size, -1)  # the whole dim, contiguous blocks: no gather needed
+    try:
+        idx = torch.as_tensor(ps.span.indices())
+        return units, t[idx].reshape(idx.shape[0], -1)
+    except ValueError:  # ragged explicit map
+        rows = [torch.as_tensor(r, dtype=torch.long) for r in ps.span.table]  # type: ignore[union-attr]
+        return units, [t[r].reshape(-1) for r in rows]
+
+
+def _lp(x: torch.Tensor, p: int, dim: int | None = None):
+    """Sum of |x| (p=1) or of x² (p=2), in float64; over ``dim`` (array) or all (float)."""
+    if dim is None:
+        return float(torch.linalg.vector_norm(x.float(), ord=p)) ** p
+    return torch.linalg.vector_norm(x.float(), ord=p, dim=dim).double().numpy() ** p
+
+
+def normalize_scores(s: np.ndarray, how: str | None) -> np.ndarray:
+    if how is None or how == "none":
+        return s
+    if how == "mean":
+        d = s.mean()
+    elif how == "max":
+        d = s.max()
+    elif how == "sum":
+        d = s.sum()
+    elif how == "standard":
+        return (s - s.mean()) / (s.std() + 1e-12)
+    else:
+        raise ConfigError(f"normalize must be None, 'mean', 'max', 'sum' or 'standard', got {how!r}")
+    return s / d if d > 0 else s
+
+
+class ImportancePass(Pass):
+    """Base: subclasses implement :meth:`scores` for one group (None = no opinion → group kept)."""
+
+    name: ClassVar[str] = "importance"
+    reads: ClassVar[tuple[str, ...]] = ("groups",)
+    writes: ClassVar[tuple[str, ...]] = ("importance",)
+    normalize: str | None = None
+
+    def scores(self, group: ChannelGroup, tensor: Callable[[str], torch.Tensor], ctx: Context) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        analysis = meta.get(gm, "groups")
+        out: dict[int, np.ndarray] = {}
+        cache: dict[str, torch.Tensor] = {}
+
+        def tensor(name: str) -> torch.Tensor:
+            if name not in cache:
+                cache[name] = _lookup_tensor(gm, name)[0].detach()
+            return cache[name]
+
+        skipped = 0
+        for g in analysis.groups:
+            if not g.prunable:
+                continue
+            s = self.scores(g, tensor, ctx)
+            if s is None:
+                skipped += 1
+                continue
+            s = np.asarray(s, dtype=np.float64)
+            if s.shape != (g.size,):
+                raise ValueError(f"{self.name}: scores for group {g.id} have shape {s.shape}, expected ({g.size},)")
+            if not np.isfinite(s).all():
+                raise ValueError(f"{self.name}: non-finite importance in group {g.id} ({g.root})")
+            out[g.id] = normalize_scores(s, self.normalize)
+        meta.put(gm, "importance", out)
+        if skipped:
+            ctx.notes.append(f"{self.name}: {skipped} prunable groups have no score and are kept")
+        return PassResult(gm, False, {"scored": len(out), "skipped": skipped})
+
+
+@dataclass(frozen=True)
+class MagnitudeImportance(ImportancePass):
+    """Lp magnitude (``p=1``: L1 as in Li et al.; ``p=2``: L2) of the slices each unit owns."""
+
+    name: ClassVar[str] = "importance"
+    p: int = 2
+    roles: tuple[str, ...] = ("out", "in", "norm", "other")
+    reduction: str = "sum"
+    layer_normalize: bool = False
+    normalize: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.p not in (1, 2):
+            raise ConfigError(f"p must be 1 or 2, got {self.p}")
+        if self.reduction not in ("sum", "mean", "max"):
+            raise ConfigError(f"reduction must be 'sum', 'mean' or 'max', got {self.reduction!r}")
+
+    def scores(self, group, tensor, ctx):
+        per: list[np.ndarray] = []
+        for ps in group.params:
+            if ps.role not in self.roles or ps.is_buffer:
+                continue
+            units, vals = slice_values(tensor(ps.param), ps)
+            v = np.array([_lp(x, self.p) for x in vals]) if isinstance(vals, list) else _lp(vals, self.p, 1)
+            if self.layer_normalize and v.mean() > 0:
+                v = v / v.mean()
+            full = np.full(group.size, np.nan)
+            full[units] = v
+            per.append(full)
+        if not per:
+            return None
+        m = np.vstack(per)
+        if self.reduction == "sum":
+            s = np.nansum(m, axis=0)
+        elif self.reduction == "mean":
+            s = np.nanmean(np.where(np.isnan(m), np.nan, m), axis=0)
+        else:
+            s = np.nanmax(m, axis=0)
+        return np.nan_to_num(s, nan=0.0)
+
+
+@dataclass(frozen=True)
+class BNScaleImportance(ImportancePass):
+    """|γ| of the normalisation scales in the group (Network Slimming). Groups without one are kept."""
+
+    name: ClassVar[str] = "importance"
+    reduction: str = "sum"
+    normalize: str | None = None
+
+    def scores(self, group, tensor, ctx):
+        per = []
+        for ps in group.params:
+            if ps.role == "norm" and ps.param.endswith(".weight") and not ps.is_buffer:
+                units, vals = slice_values(tensor(ps.param), ps)
+                full = np.zeros(group.size)
+                full[units] = [_lp(x, 1) for x in vals] if isinstance(vals, list) else _lp(vals, 1, 1)
+                per.append(full)
+        if not per:
+            return None
+        m = np.vstack(per)
+        return {"sum": m.sum(0), "mean": m.mean(0), "max": m.max(0)}[self.reduction]
+
+
+@dataclass(frozen=True)
+class RandomImportance(ImportancePass):
+    """Uniform random scores (a baseline), reproducible from ``seed``."""
+
+    name: ClassVar[str] = "importance"
+    seed: int = 0
+    normalize: str | None = None
+
+    def scores(self, group, tensor, ctx):
+        return np.random.default_rng([self.seed, group.id]).random(group.size)
+
+
+def _named(name: str, **kw) -> ImportancePass:
+    if name in ("l1", "l2"):
+        mk = {k: v for k, v in kw.items() if k in ("roles", "reduction", "layer_normalize", "normalize")}
+        return MagnitudeImportance(p=int(name[1]), **mk)
+    if name == "bn_scale":
+        return BNScaleImportance(**{k: v for k, v in kw.items() if k in ("reduction", "normalize")})
+    if name == "random":
+        return RandomImportance(**{k: v for k, v in kw.items() if k in ("seed", "normalize")})
+    raise ConfigError(f"unknown importance {name!r}; known: {', '.join(IMPORTANCE)} or an ImportancePass object")
+
+
+#: Names accepted by ``fxprune.compile(importance=...)``.
+IMPORTANCE = ("l1", "l2", "bn_scale", "random")

@@ -1,0 +1,10 @@
+"""The rule table (:data:`RULES`) and the built-in rules, one module per op family.
+
+Importing this package registers every built-in rule. User rules go through
+:func:`fxprune.register_module_rule` / :func:`register_function_rule` / :func:`register_method_rule`.
+"""
+
+from .base import RULES, Axis, Rule, RuleContext, RewriteContext, RuleTable, shrink_tensors
+from . import elementwise, conv, norm, shape, reduce, attention, misc  # noqa: F401  (registration)
+
+__all__ = ["RULES", "Axis", "Rule", "RuleContext", "RewriteContext", "RuleTable", "shrink_tensors"]

@@ -1,0 +1,488 @@
+"""Rule objects, the rule table, and the per-node context rules use to state channel ties.
+
+A *rule* says, for one op, (a) how its input and output channels are tied, (b) which parameter slices
+follow them, and (c) how to build the smaller op (``rewrite``). Rules talk about *axes*: one axis per
+dim of every tensor a node produces, per dim of every parameter, plus optional virtual axes (e.g. the
+heads inside ``nn.MultiheadAttention``). Every position of every axis is an element of one global index
+space; a rule only states facts about elements:
+
+* ``tie(a, b)``: position ``i`` of ``a`` and of ``b`` are the same channel (removed together);
+* ``tie_slice(big, offset, small)``: ``small`` is ``big[offset : offset + len(small)]`` (cat, split);
+* ``tie_product(merged, factors)``: ``merged`` is the row-major product of ``factors`` (flatten, view);
+  it is tied to one factor (see :meth:`RuleContext.tie_product`) and the other factors are pinned;
+* ``produce(a)``: ``a`` creates channels (a conv's output dim): channels that share a producer axis
+  form one *group*;
+* ``pin(a, reason)``: these channels must stay (network inputs/outputs, unknown ops, ...);
+* ``constrain(a, Constraint)``, ``lossy(a, reason)``.
+
+Any dim of a node's tensor inputs or outputs that its rule leaves unmentioned is pinned automatically,
+so a rule that forgets a dim can only make pruning more conservative, never wrong. Rules never guess: an
+op without a rule is an error (or, in conservative mode, pins everything it touches).
+"""
+
+from __future__ import annotations
+
+from ..trace import is_multi
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import UnsupportedOpError
+from ..ir import Constraint
+from ..trace import shape_of
+
+__all__ = ["Axis", "AxisTable", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES", "op_key"]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One dim of a tensor/parameter: ``key`` identifies it, elements ``base .. base+size-1``."""
+
+    key: tuple
+    base: int
+    size: int
+
+    def ids(self, idx: np.ndarray | None = None) -> np.ndarray:
+        if idx is None:
+            return np.arange(self.base, self.base + self.size, dtype=np.int64)
+        return self.base + np.asarray(idx, dtype=np.int64)
+
+
+@dataclass
+class ParamInfo:
+    role: str
+    groups: int = 1
+    is_buffer: bool = False
+
+
+class AxisTable:
+    """Every axis of a graph and every fact rules stated about their elements."""
+
+    def __init__(self) -> None:
+        self.axes: dict[tuple, Axis] = {}
+        self.order: list[tuple] = []
+        self.n = 0
+        self.eye: list[tuple[int, int, int]] = []  # identity ties: (base_a, base_b, size)
+        self.maps: list[tuple[np.ndarray, np.ndarray]] = []  # general ties
+        self.pins: list[tuple[np.ndarray, str, bool]] = []  # (element ids, reason, blocks whole group)
+        self.producers: list[tuple[tuple, str]] = []  # (axis key, root name)
+        self.constraints: list[tuple[tuple, Constraint]] = []
+        self.lossy: list[tuple[np.ndarray, str]] = []
+        self.params: dict[tuple, ParamInfo] = {}
+        self.live: set[tuple] = set()
+
+    def axis(self, key: tuple, size: int) -> Axis:
+        ax = self.axes.get(key)
+        if ax is None:
+            ax = Axis(key, self.n, int(size))
+            self.axes[key] = ax
+            self.order.append(key)
+            self.n += int(size)
+        elif ax.size != size:
+            raise ValueError(f"axis {key} registered with size {ax.size}, now {size}")
+        return ax
+
+
+def op_key(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Human-readable op identity: module type, function qualname or method name."""
+    if node.op == "call_module":
+        return f"module {type(gm.get_submodule(node.target)).__qualname__}"
+    if node.op == "call_function":
+        mod = getattr(node.target, "__module__", None) or ""
+        return f"function {mod + '.' if mod else ''}{getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
+    return node.op
+
+
+class RuleContext:
+    """What a rule sees while analysing one node."""
+
+    def __init__(self, table: AxisTable, gm: fx.GraphModule, node: fx.Node, rule_name: str) -> None:
+        self.table = table
+        self.gm = gm
+        self.node = node
+        self.rule_name = rule_name
+        self.touched: set[tuple] = set()
+
+    # -- looking at the node --------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self.gm.get_submodule(self.node.target)
+
+    @property
+    def module_name(self) -> str:
+        return str(self.node.target)
+
+    def arg(self, pos: int, name: str | None = None, default: Any = None) -> Any:
+        """Positional-or-keyword argument of the node (fx keeps call arguments as written)."""
+        if pos is not None and pos < len(self.node.args):
+            return self.node.args[pos]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def shape(self, x: Any, index: int | None = None) -> tuple[int, ...] | None:
+        return shape_of(x, index) if isinstance(x, fx.Node) else None
+
+    def out_shape(self, index: int | None = None) -> tuple[int, ...] | None:
+        return shape_of(self.node, index)
+
+    def is_tensor(self, x: Any) -> bool:
+        return isinstance(x, fx.Node) and shape_of(x) is not None
+
+    def tensor_args(self) -> list[fx.Node]:
+        seen: list[fx.Node] = []
+        for x in self.node.all_input_nodes:
+            if shape_of(x) is not None and x not in seen:
+                seen.append(x)
+        return seen
+
+    # -- axes -----------------------------------------------------------------------------------
+    def act(self, x: fx.Node, dim: int, index: int | None = None) -> Axis:
+        shp = shape_of(x, index)
+        if shp is None:
+            raise ValueError(f"{x} has no tensor shape")
+        d = dim % len(shp)
+        return self._mark(self.table.axis(("a", x.name, index, d), shp[d]))
+
+    def out(self, dim: int, index: int | None = None) -> Axis:
+        return self.act(self.node, dim, index)
+
+    def param(self, qualname: str, dim: int, role: str, groups: int = 1) -> Axis:
+        """Axis of a parameter or buffer (by qualified name in the traced module) in a given role."""
+        t, is_buffer = _lookup_tensor(self.gm, qualname)
+        d = dim % t.dim()
+        key = ("p", qualname, d)
+        ax = self.table.axis(key, t.shape[d])
+        self.table.params[key] = ParamInfo(role, groups, is_buffer)
+        return self._mark(ax)
+
+    def virtual(self, tag: str, size: int) -> Axis:
+        return self._mark(self.table.axis(("v", self.node.name, tag), size))
+
+    def _mark(self, ax: Axis) -> Axis:
+        self.touched.add(ax.key)
+        return ax
+
+    # -- facts ----------------------------------------------------------------------------------
+    def tie(self, a: Axis, b: Axis) -> None:
+        if a.size != b.size:
+            raise ValueError(f"{self.rule_name}: cannot tie {a.key} (size {a.size}) to {b.key} (size {b.size})")
+        self._mark(a), self._mark(b)
+        if a.key != b.key:
+            self.table.eye.append((a.base, b.base, a.size))
+            self._share_live(a, b)
+
+    def tie_map(self, a: Axis, a_idx: np.ndarray, b: Axis, b_idx: np.ndarray) -> None:
+        """Tie ``a[a_idx[k]]`` with ``b[b_idx[k]]`` for every k."""
+        self._mark(a), self._mark(b)
+        self.table.maps.append((a.ids(a_idx), b.ids(b_idx)))
+        self._share_live(a, b)
+
+    def tie_slice(self, big: Axis, offset: int, small: Axis) -> None:
+        self._mark(big), self._mark(small)
+        if offset + small.size > big.size:
+            raise ValueError(f"{self.rule_name}: slice {offset}+{small.size} exceeds {big.key}")
+        self.table.eye.append((big.base + offset, small.base, small.size))
+        self._share_live(big, small)
+
+    def tie_product(self, merged: Axis, factors: Sequence[Axis], prefer: int | None = None) -> None:
+        """``merged`` is the row-major product of ``factors`` (a flatten, or a view splitting a dim).
+
+        The channel identity of a merged position follows ONE factor; the others are pinned (kept
+        whole), which is exactly right when they are spatial/token dims. The factor chosen is the
+        outermost one that already carries channels (live), else ``prefer``, else the outermost
+        non-trivial one (attention heads when splitting E into (H, d)).
+        """
+        self._mark(merged)
+        for f in factors:
+            self._mark(f)
+        sizes = [f.size for f in factors]
+        if int(np.prod(sizes)) != merged.size:
+            raise ValueError(f"{self.rule_name}: product {sizes} != {merged.size}")
+        nontrivial = [i for i, s in enumerate(sizes) if s > 1]
+        if not nontrivial:
+            self.pin(merged, "size-1 dims")
+            return
+        live = [i for i in nontrivial if factors[i].key in self.table.live]
+        if len(live) == 1 or (live and (prefer is None or prefer not in live)):
+            chosen = live[0]
+        elif live:
+            chosen = prefer
+        elif prefer is not None and prefer in nontrivial:
+            chosen = prefer
+        else:
+            chosen = nontrivial[0]
+        inner = int(np.prod(sizes[chosen + 1 :]))
+        f = factors[chosen]
+        # merged position p = outer*(f.size*inner) + i*inner + b  ->  factor index i
+        pos = np.arange(merged.size, dtype=np.int64)
+        self.table.maps.append((merged.ids(), f.ids((pos // inner) % f.size)))
+        self._share_live(merged, f)
+        for i in nontrivial:
+            if i != chosen:
+                self.pin(factors[i], f"reshape merges it with another channel dim (node {self.node.name})")
+
+    def produce(self, a: Axis, root: str | None = None) -> None:
+        self._mark(a)
+        self.table.producers.append((a.key, root or self._default_root()))
+        self.table.live.add(a.key)
+
+    def pin(self, a: Axis, reason: str, block_group: bool = False, idx: np.ndarray | None = None) -> None:
+        """These positions of ``a`` must stay; ``block_group`` also blocks every group touching them."""
+        self._mark(a)
+        self.table.pins.append((a.ids(idx), reason, block_group))
+
+    def free(self, a: Axis) -> None:
+        """Declare that this op does not constrain ``a`` (e.g. ``x.size()`` reads only the shape)."""
+        self._mark(a)
+
+    def constrain(self, a: Axis, c: Constraint) -> None:
+        self._mark(a)
+        self.table.constraints.append((a.key, c))
+
+    def lossy(self, a: Axis, reason: str) -> None:
+        self._mark(a)
+        self.table.lossy.append((a.ids(), reason))
+
+    def _share_live(self, a: Axis, b: Axis) -> None:
+        live = self.table.live
+        if a.key in live or b.key in live:
+            live.add(a.key)
+            live.add(b.key)
+
+    def _default_root(self) -> str:
+        return str(self.node.target) if self.node.op == "call_module" else self.node.name
+
+    # -- helpers used by many rules -----------------------------------------------------------------
+    def all_dims(self, x: fx.Node, index: int | None = None) -> list[Axis]:
+        shp = shape_of(x, index)
+        return [] if shp is None else [self.act(x, d, index) for d in range(len(shp))]
+
+    def tie_same_shape(self, x: fx.Node, index: int | None = None) -> None:
+        """Output dims == input dims one to one (unary element-wise ops)."""
+        for a, b in zip(self.all_dims(x), self.all_dims(self.node, index), strict=True):
+            self.tie(a, b)
+
+    def tie_broadcast(self, inputs: Iterable[Any]) -> None:
+        """Broadcasting element-wise op: align dims from the right; size-1 (broadcast) dims stay free."""
+        out = self.out_shape()
+        outs = self.all_dims(self.node)
+        for x in inputs:
+            shp = self.shape(x)
+            if shp is None:
+                continue
+            for k in range(1, len(shp) + 1):
+                a = self.act(x, -k)
+                if shp[-k] == out[-k]:
+                    self.tie(a, outs[-k])
+                elif shp[-k] == 1:
+                    # a broadcast dim must stay size 1 (it may be a slice of a prunable dim: x[:, :1])
+                    self.pin(a, "broadcast dim")
+
+    def finish(self) -> None:
+        """Pin every input/output dim the rule did not mention (never guess)."""
+        todo: list[tuple[fx.Node, int | None]] = [(x, None) for x in self.tensor_args()]
+        tm = self.node.meta.get("tensor_meta")
+        if is_multi(tm):
+            todo += [(self.node, i) for i in range(len(tm)) if tm[i] is not None]
+        elif tm is not None:
+            todo.append((self.node, None))
+        for x, index in todo:
+            shp = shape_of(x, index)
+            for d in range(len(shp)):
+                key = ("a", x.name, index, d)
+                if key not in self.touched:
+                    ax = self.table.axis(key, shp[d])
+                    self.table.pins.append((ax.ids(), f"{self.rule_name} does not map dim {d} of {x.name}", False))
+
+
+def _lookup_tensor(gm: nn.Module, qualname: str) -> tuple[torch.Tensor, bool]:
+    mod_name, _, attr = qualname.rpartition(".")
+    mod = gm.get_submodule(mod_name) if mod_name else gm
+    if attr in mod._parameters:
+        return mod._parameters[attr], False
+    if attr in mod._buffers:
+        return mod._buffers[attr], True
+    t = getattr(mod, attr)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{qualname} is not a tensor")
+    return t, False
+
+
+class RewriteContext:
+    """What a rule sees while building the smaller op: keep masks for every axis."""
+
+    def __init__(self, gm: fx.GraphModule, new_gm: fx.GraphModule, keep_of: Callable[[tuple], np.ndarray | None]):
+        self.gm = gm  # the original (traced) module: read-only
+        self.new_gm = new_gm  # the module being built
+        self._keep_of = keep_of
+
+    def keep(self, key: tuple) -> np.ndarray | None:
+        """Boolean keep mask of an axis, or None when nothing is removed from it."""
+        return self._keep_of(key)
+
+    def keep_act(self, node: fx.Node, dim: int, index: int | None = None) -> np.ndarray | None:
+        shp = shape_of(node, index)
+        return self._keep_of(("a", node.name, index, dim % len(shp)))
+
+    def keep_param(self, qualname: str, dim: int) -> np.ndarray | None:
+        return self._keep_of(("p", qualname, dim))
+
+    def new_shape(self, node: fx.Node, index: int | None = None) -> tuple[int, ...]:
+        shp = shape_of(node, index)
+        out = []
+        for d, s in enumerate(shp):
+            k = self._keep_of(("a", node.name, index, d))
+            out.append(s if k is None else int(k.sum()))
+        return tuple(out)
+
+
+class Rule:
+    """Base class: override :meth:`analyze`; override :meth:`rewrite_module` / :meth:`rewrite_node` when
+    the op holds sizes that must change (module attributes, literal arguments).
+
+    ``example`` returns a tiny ``(module, inputs)`` pair exercising the rule; the registry test runs the
+    masked-reference oracle on every rule's example, so no rule goes untested.
+    """
+
+    name: str = "rule"
+    example: Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]] | None = None
+    #: True when pruning through the op is never exactly lossless (statistics over channels)
+    lossy: bool = False
+
+    def analyze(self, node: fx.Node, rc: RuleContext) -> None:
+        raise NotImplementedError
+
+    def rewrite_module(
+        self, module: nn.Module, qualname: str, rw: RewriteContext, nodes: Sequence[fx.Node] = ()
+    ) -> nn.Module:
+        """Return a smaller copy of ``module`` (default: slice every parameter/buffer, then
+        :meth:`fix_attributes`). ``nodes`` are the original graph's calls of the module."""
+        new = shrink_tensors(module, qualname, rw)
+        self.fix_attributes(new)
+        return new
+
+    def fix_attributes(self, module: nn.Module) -> None:
+        """Update size attributes (in_channels...) after the tensors shrank."""
+
+    def rewrite_node(self, node: fx.Node, old: fx.Node, rw: RewriteContext) -> None:
+        """Patch literal arguments of ``node`` (a node of the new graph; ``old`` its original)."""
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}>"
+
+
+def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.Module:
+    """A copy of ``module`` whose direct parameters/buffers are sliced by their axes' keep masks.
+
+    Never shares storage with the original: parameters are cloned even when unchanged.
+    """
+    import copy
+
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    prefix = f"{qualname}." if qualname else ""
+    for store, is_param in ((new._parameters, True), (new._buffers, False)):
+        for name, t in list(store.items()):
+            if t is None:
+                continue
+            data = t.detach()
+            for d in range(t.dim()):
+                k = rw.keep(("p", prefix + name, d))
+                if k is not None:
+                    data = data.index_select(d, torch.as_tensor(np.flatnonzero(k), device=data.device))
+            data = data.clone()
+            store[name] = nn.Parameter(data, requires_grad=t.requires_grad) if is_param else data
+    return new
+
+
+class RuleTable:
+    """The rule table: keyed by module type (looked up along the MRO), function object, or method name."""
+
+    def __init__(self) -> None:
+        self.modules: dict[type, Rule] = {}
+        self.functions: dict[Any, Rule] = {}
+        self.methods: dict[str, Rule] = {}
+
+    def register_module(self, types: type | Iterable[type], rule: Rule) -> Rule:
+        for t in (types,) if isinstance(types, type) else types:
+            self.modules[t] = rule
+        return rule
+
+    def register_function(self, fns: Any, rule: Rule) -> Rule:
+        for f in fns if isinstance(fns, (list, tuple, set)) else (fns,):
+            self.functions[f] = rule
+        return rule
+
+    def register_method(self, names: str | Iterable[str], rule: Rule) -> Rule:
+        for n in (names,) if isinstance(names, str) else names:
+            self.methods[n] = rule
+        return rule
+
+    def module_rule(self, m: nn.Module) -> Rule | None:
+        """Rule of ``type(m)`` or its nearest registered base class — unless ``type(m)`` overrides
+        ``forward`` relative to that base (then the base's rule would describe the wrong computation,
+        e.g. torchvision's LayerNorm2d permutes around nn.LayerNorm; such modules are traced through)."""
+        cls = type(m)
+        for t in cls.__mro__:
+            r = self.modules.get(t)
+            if r is not None:
+                if t is not cls and getattr(cls, "forward", None) is not getattr(t, "forward", None):
+                    return None
+                return r
+        return None
+
+    def has_module_rule(self, m: nn.Module) -> bool:
+        return self.module_rule(m) is not None
+
+    def lookup(self, gm: fx.GraphModule, node: fx.Node) -> Rule | None:
+        if node.op == "call_module":
+            return self.module_rule(gm.get_submodule(node.target))
+        if node.op == "call_function":
+            try:
+                return self.functions.get(node.target)
+            except TypeError:  # unhashable target
+                return None
+        if node.op == "call_method":
+            return self.methods.get(node.target)
+        return None
+
+    def all_rules(self) -> list[Rule]:
+        seen: dict[int, Rule] = {}
+        for r in [*self.modules.values(), *self.functions.values(), *self.methods.values()]:
+            seen.setdefault(id(r), r)
+        return list(seen.values())
+
+    def missing(self, gm: fx.GraphModule, node: fx.Node) -> UnsupportedOpError:
+        key = op_key(gm, node)
+        if node.op == "call_module":
+            t = type(gm.get_submodule(node.target))
+            fix = (
+                f"fxprune.register_module_rule({t.__module__}.{t.__qualname__}, rule) with a rule that "
+                "states how its channels are tied (see examples/custom_rule.py), or "
+                "fxprune.compile(..., unknown_ops='block') to keep every channel it touches"
+            )
+        elif node.op == "call_function":
+            fix = (
+                f"fxprune.register_function_rule({getattr(node.target, '__module__', '')}."
+                f"{getattr(node.target, '__name__', node.target)}, rule), or "
+                "fxprune.compile(..., unknown_ops='block')"
+            )
+        else:
+            fix = f"fxprune.register_method_rule({node.target!r}, rule), or fxprune.compile(..., unknown_ops='block')"
+        return UnsupportedOpError(node, key, "no channel rule is registered for this op; fxprune never guesses", fix)
+
+
+#: The global rule table. Rules for built-in ops are registered by :mod:`fxprune.rules`.
+RULES = RuleTable()
