@@ -51,11 +51,17 @@ def node_location(node: Any) -> str:
     if not trace:
         return ""
     lines = [ln for ln in trace.strip().splitlines() if ln.strip()]
-    # fx records the innermost frame last: 'File "x.py", line 3, in forward' followed by the code line.
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].lstrip().startswith("File "):
-            return "\n".join(ln.strip() for ln in lines[i : i + 2])
-    return lines[-1].strip()
+    frames = []  # ('File "x.py", line 3, in forward', code line)
+    for i, ln in enumerate(lines):
+        if ln.lstrip().startswith("File "):
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].lstrip().startswith("File ") else ""
+            frames.append((ln.strip(), code))
+    if not frames:
+        return lines[-1].strip()
+    # the innermost frame that is the user's code, not torch's tracing machinery
+    user = [f for f in frames if "/torch/" not in f[0] and "/fxprune/" not in f[0]]
+    head, code = (user or frames)[-1]
+    return f"{head}\n    {code}" if code else head
 
 
 class UnsupportedOpError(FxpruneError):

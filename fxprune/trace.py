@@ -70,6 +70,8 @@ class FxpruneTracer(fx.Tracer):
         self._leaf_names = {x for x in leaf_modules if isinstance(x, str)}
         self._leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
         self._fxp_stack: list[str] = []
+        self.failed_in: str | None = None  # innermost traced-through module where tracing failed
+        self.record_stack_traces = True  # node.meta["stack_trace"]: errors quote the user's source line
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names:
@@ -86,6 +88,10 @@ class FxpruneTracer(fx.Tracer):
             self._fxp_stack.append(name)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None and name is not None:
+                self.failed_in = name
+            raise
         finally:
             if name is not None:
                 self._fxp_stack.pop()
@@ -101,16 +107,18 @@ def trace(
     try:
         graph = tracer.trace(model)
     except Exception as exc:
-        part = tracer._fxp_stack[-1] if tracer._fxp_stack else ""
+        part = tracer.failed_in or ""
         where = f"module '{part}' ({type(model.get_submodule(part)).__name__})" if part else (
             f"the top-level module ({type(model).__name__})"
         )
+        leaf = (f"Make that module a leaf with fxprune.compile(..., leaf_modules=[{part!r}]) and register a "
+                "rule for it (fxprune.register_module_rule), or rewrite the control flow.") if part else (
+                "Rewrite the control flow, or move it into a submodule that you make a leaf (leaf_modules=) "
+                "and give a rule.")
         raise TraceError(
             f"torch.fx symbolic tracing failed inside {where}: {type(exc).__name__}: {exc}\n"
             "  hint: symbolic tracing cannot follow Python control flow on tensor values (if/for on "
-            "tensors, item assignment, data-dependent shapes). Make that module a leaf with "
-            f"fxprune.compile(..., leaf_modules=[{part!r}]) and register a rule for it "
-            "(fxprune.register_module_rule), or rewrite the control flow."
+            f"tensors, item assignment, data-dependent shapes). {leaf}"
         ) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     return gm

@@ -410,6 +410,10 @@ class GroupChannels(Pass):
     allow_lossy: bool = False
     rules: RuleTable | None = None
 
+    def __post_init__(self) -> None:
+        if self.unknown_ops not in ("error", "block"):
+            raise ConfigError(f"unknown_ops must be 'error' or 'block', got {self.unknown_ops!r}")
+
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         analysis = analyze_graph(gm, self.rules or RULES, self.unknown_ops, tuple(self.ignore), self.allow_lossy)
         meta.put(gm, "groups", analysis)

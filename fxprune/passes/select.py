@@ -150,9 +150,13 @@ class Select(Pass):
         return Selection.from_dict(keep)
 
     def _ratio_for(self, g: ChannelGroup, default: float) -> float:
-        for name in g.modules():
-            if name in self.ratios:
-                return self.ratios[name]
+        """A per-module ratio applies to the groups whose channels that module *produces*."""
+        if self.ratios:
+            for p in g.params:
+                if p.role == "out":
+                    name = p.param.rpartition(".")[0]
+                    if name in self.ratios:
+                        return self.ratios[name]
         return self.ratios.get(g.root, default)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
