@@ -57,6 +57,8 @@ class Report:
     blocked: tuple[tuple[str, str], ...] = ()  # (group root, reason) of groups that could not be pruned
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    batch: int = 1  # MACs are counted for one forward pass over the example inputs (this batch size)
+    uncounted: tuple[str, ...] = ()  # modules the MACs counter has no formula for (MACs are a lower bound)
 
     @property
     def macs_ratio(self) -> float:
@@ -81,12 +83,15 @@ class Report:
         head = (
             f"fxprune: params {_h(self.params_before)} → {_h(self.params_after)} "
             f"({self.params_after / max(self.params_before, 1):.1%}), MACs {_h(self.macs_before)} → "
-            f"{_h(self.macs_after)} ({self.macs_after / max(self.macs_before, 1):.1%}); "
-            f"{self.groups_pruned}/{self.groups_total} groups pruned in {self.seconds:.2f}s"
+            f"{_h(self.macs_after)} ({self.macs_after / max(self.macs_before, 1):.1%}, batch of {self.batch}); "
+            f"{self.groups_pruned} of {self.groups_total} channel groups pruned in {self.seconds:.2f}s"
         )
         parts = [head, self.table()]
+        if self.uncounted:
+            parts.append(f"MACs not counted for: {', '.join(self.uncounted[:10])}"
+                         + (f" and {len(self.uncounted) - 10} more" if len(self.uncounted) > 10 else ""))
         if self.blocked:
-            parts.append(f"{len(self.blocked)} groups kept whole:")
+            parts.append(f"{len(self.blocked)} channel group{'s' if len(self.blocked) > 1 else ''} kept whole:")
             parts += [f"  {root}: {why}" for root, why in self.blocked[:20]]
             if len(self.blocked) > 20:
                 parts.append(f"  … and {len(self.blocked) - 20} more")
@@ -144,6 +149,16 @@ def _resolve_importance(importance: Any, normalize: str | None, reduction: str, 
     raise ConfigError(f"importance must be a name ({', '.join(IMPORTANCE)}) or a Pass, got {type(importance).__name__}")
 
 
+def _resolve_reconstruct(spec: str | Pass) -> Pass:
+    if isinstance(spec, Pass):
+        return spec
+    from .pipeline import PASSES
+
+    if isinstance(spec, str) and "reconstruct" in PASSES:
+        return PASSES["reconstruct"](method=spec)
+    raise ConfigError(f"reconstruct must be a method name or a Pass, got {spec!r}")
+
+
 def prepare(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] = (),
             rules: RuleTable = RULES) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
     """Copy, trace and shape-propagate ``model`` (used by :func:`compile` and by the testing helpers)."""
@@ -195,6 +210,8 @@ def compile(
     rules: RuleTable | None = None,
     seed: int = 0,
     callback: Callable[[Pass, Any], None] | None = None,
+    calib: Any = None,
+    reconstruct: str | Pass | None = None,
 ) -> CompileResult:
     """Trace ``model``, group coupled channels, score, select, and return a NEW smaller module.
 
@@ -206,6 +223,9 @@ def compile(
 
     ``verify``: ``"shapes"`` (default) checks output shapes; ``"equivalence"`` (or True) also checks the
     result against the masked reference in float64; ``False``/``"none"`` skips verification.
+    ``calib``: an iterable of input batches (a tensor or a tuple per batch) for data-driven passes, in
+    ``Context.calib``. ``reconstruct``: a post-pass (name or pass object) run after the rewrite with the
+    original and the pruned module side by side.
     """
     t0 = time.perf_counter()
     rules = rules or RULES
@@ -231,6 +251,8 @@ def compile(
                      min_keep=min_keep, round_to=round_to, ratios=dict(ratios or {}))
         passes: list[Pass] = [GroupChannels(unknown_ops, ignore, allow_lossy, rules if rules is not RULES else None),
                               imp, sel, Rewrite()]
+        if reconstruct is not None:
+            passes.append(_resolve_reconstruct(reconstruct))
         if verify != "none":
             passes.append(Verify(equivalence=(verify == "equivalence")))
         pipe = Pipeline(tuple(passes))
@@ -239,7 +261,7 @@ def compile(
     pipe.check()
     # -- work ---------------------------------------------------------------------------------------
     gm, inputs = prepare(model, inputs, leaf_modules, rules)
-    ctx = Context(model=model, example_inputs=inputs, original=gm, seed=seed)
+    ctx = Context(model=model, example_inputs=inputs, original=gm, calib=calib, seed=seed)
     before = meta.get(gm, "cost")
     out = pipe.run(gm, ctx, callback)
     if out is gm:  # a pipeline without a rewrite still returns a module distinct from the original
@@ -276,6 +298,9 @@ def _report(gm, out, before, after, analysis, selection, ctx, seconds) -> Report
     total = 0
     if analysis is not None:
         total = len(analysis.groups)
-        blocked = tuple((g.root, g.blocked) for g in analysis.groups if g.blocked and g.size > 1)
+        # a group pinned only because it is a network input/output is by design, not worth reporting
+        blocked = tuple((g.root, g.blocked) for g in analysis.groups
+                        if g.blocked and g.size > 1 and not g.blocked.endswith(("network output", "network input")))
+    batch = int(ctx.example_inputs[0].shape[0]) if ctx.example_inputs and ctx.example_inputs[0].dim() else 1
     return Report(before.params, after.params, before.macs, after.macs, tuple(rows), total, len(selection.keep),
-                  blocked, tuple(ctx.notes), seconds)
+                  blocked, tuple(ctx.notes), seconds, batch, tuple(before.uncounted))

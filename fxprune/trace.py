@@ -111,8 +111,10 @@ def trace(
         where = f"module '{part}' ({type(model.get_submodule(part)).__name__})" if part else (
             f"the top-level module ({type(model).__name__})"
         )
-        leaf = (f"Make that module a leaf with fxprune.compile(..., leaf_modules=[{part!r}]) and register a "
-                "rule for it (fxprune.register_module_rule), or rewrite the control flow.") if part else (
+        kind = type(model.get_submodule(part)).__name__ if part else ""
+        leaf = (f"Make it a leaf with fxprune.compile(..., leaf_modules=[{kind}]) (every {kind}) or "
+                f"leaf_modules=[{part!r}] (this instance) and register a rule for {kind} "
+                "(fxprune.register_module_rule), or rewrite the control flow.") if part else (
                 "Rewrite the control flow, or move it into a submodule that you make a leaf (leaf_modules=) "
                 "and give a rule.")
         raise TraceError(

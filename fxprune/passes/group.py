@@ -64,6 +64,7 @@ class Analysis:
     groups: tuple[ChannelGroup, ...]
     unit_labels: tuple[np.ndarray, ...]  # per group: component label of each unit
     notes: tuple[str, ...] = ()
+    rules: RuleTable = RULES  # the table that produced the groups; the rewrite uses the same one
 
     def group(self, gid: int) -> ChannelGroup:
         return self.groups[gid]
@@ -217,7 +218,9 @@ def analyze_graph(
     u = np.concatenate(us) if us else np.zeros(0, dtype=np.int64)
     v = np.concatenate(vs) if vs else np.zeros(0, dtype=np.int64)
     labels = components(n, u, v)
-    return _build_groups(table, labels, allow_lossy, tuple(notes))
+    analysis = _build_groups(table, labels, allow_lossy, tuple(notes))
+    analysis.rules = rules
+    return analysis
 
 
 def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes: tuple[str, ...]) -> Analysis:

@@ -9,6 +9,7 @@ producers' output filters, consumers' input kernels, norm affine parameters), re
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -30,6 +31,7 @@ __all__ = [
     "slice_values",
     "normalize_scores",
     "IMPORTANCE",
+    "register_importance",
 ]
 
 
@@ -192,16 +194,39 @@ class RandomImportance(ImportancePass):
         return np.random.default_rng([self.seed, group.id]).random(group.size)
 
 
+def _filtered(factory: Callable[..., ImportancePass], kw: dict) -> dict:
+    """The options of ``kw`` that ``factory`` accepts (compile passes every option to every criterion)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters  # a partial's signature omits its bound names
+    except (TypeError, ValueError):
+        return dict(kw)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(kw)
+    return {k: v for k, v in kw.items() if k in params}
+
+
+def register_importance(name: str, factory: Callable[..., ImportancePass]) -> None:
+    """Make ``fxprune.compile(importance=name)`` build ``factory(**options)``.
+
+    ``factory`` receives the compile options it names among ``reduction``, ``normalize``, ``seed``,
+    ``roles`` and ``layer_normalize``.
+    """
+    IMPORTANCE[name] = factory
+
+
 def _named(name: str, **kw) -> ImportancePass:
-    if name in ("l1", "l2"):
-        mk = {k: v for k, v in kw.items() if k in ("roles", "reduction", "layer_normalize", "normalize")}
-        return MagnitudeImportance(p=int(name[1]), **mk)
-    if name == "bn_scale":
-        return BNScaleImportance(**{k: v for k, v in kw.items() if k in ("reduction", "normalize")})
-    if name == "random":
-        return RandomImportance(**{k: v for k, v in kw.items() if k in ("seed", "normalize")})
-    raise ConfigError(f"unknown importance {name!r}; known: {', '.join(IMPORTANCE)} or an ImportancePass object")
+    if name not in IMPORTANCE:
+        raise ConfigError(f"unknown importance {name!r}; known: {', '.join(IMPORTANCE)} or an ImportancePass object")
+    factory = IMPORTANCE[name]
+    return factory(**_filtered(factory, kw))
 
 
-#: Names accepted by ``fxprune.compile(importance=...)``.
-IMPORTANCE = ("l1", "l2", "bn_scale", "random")
+#: Names accepted by ``fxprune.compile(importance=...)`` → factories (extend with :func:`register_importance`).
+IMPORTANCE: dict[str, Callable[..., ImportancePass]] = {
+    "l1": functools.partial(MagnitudeImportance, p=1),
+    "l2": functools.partial(MagnitudeImportance, p=2),
+    "bn_scale": BNScaleImportance,
+    "random": RandomImportance,
+}

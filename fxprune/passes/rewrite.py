@@ -46,9 +46,12 @@ def rewrite_graph(
     analysis,
     selection: Selection,
     example_inputs: Sequence[torch.Tensor] | None = None,
-    rules: RuleTable = RULES,
+    rules: RuleTable | None = None,
 ) -> fx.GraphModule:
-    """Return a new GraphModule with the units outside ``selection`` removed."""
+    """Return a new GraphModule with the units outside ``selection`` removed.
+
+    ``rules`` defaults to the table the analysis was built with."""
+    rules = rules or getattr(analysis, "rules", RULES)
     keep_of = analysis.keep_fn(selection)
     root: dict[str, object] = {}
     new_graph = fx.Graph()

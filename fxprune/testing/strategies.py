@@ -74,6 +74,7 @@ __all__ = [
     "TokenHead",
     "MultiInputNet",
     "BLOCKS",
+    "conv_out_size",
     # specs and strategies
     "ALL_FAMILIES",
     "IMAGE_BODY_FAMILIES",
@@ -805,7 +806,8 @@ class NetworkSpec:
     """A complete description of a drawn network; :func:`build_network` turns it into ``(model, inputs)``.
 
     ``kind`` is ``"image"`` (``nn.Sequential(*layers, head)`` on one ``(N, C, H, W)`` input), ``"tokens"``
-    (the same on one ``(N, L, E)`` input) or ``"multi_io"`` (:class:`MultiInputNet` with ``stems``, trunk
+    (``nn.Sequential(*layers, head)`` ending in attention blocks and a :class:`TokenHead`; its one input is
+    either ``(N, L, E)`` tokens or an image that a conv stem and :class:`ConvToTokens` turn into tokens) or ``"multi_io"`` (:class:`MultiInputNet` with ``stems``, trunk
     ``layers``, ``head`` and ``merge``; returns ``(logits, features)``). ``families`` lists the families that
     actually occur. ``seed`` drives weights, norm statistics and inputs.
     """

@@ -1,0 +1,108 @@
+"""Hypothesis property tests over random networks and random selections (float64, eval mode, randomised
+norm statistics):
+
+* well-formed and faithful: lint passes, shapes kept, output == masked reference, model untouched;
+* identity: keeping everything gives bit-identical outputs;
+* composition: pruning A then B equals pruning A ∪ B at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxprune
+from fxprune.ir import Selection, member_units
+from fxprune.passes.group import analyze_graph
+from fxprune.passes.rewrite import rewrite_graph
+from fxprune.passes.verify import flatten_outputs
+from fxprune.testing import assert_prune_equivalent, random_selection
+from fxprune.testing.strategies import ALL_FAMILIES, keep_fractions, networks, selection_seeds
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _outputs(m, xs):
+    with torch.no_grad():
+        return flatten_outputs(m.eval()(*xs))
+
+
+@SETTINGS
+@given(networks(max_blocks=4), selection_seeds(), keep_fractions(0.1, 0.9))
+def test_faithful_to_masked_reference(net, seed, ratio):
+    model, xs = net
+    assert_prune_equivalent(model, xs, lambda a: random_selection(a, seed, ratio=ratio))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(max_blocks=3), selection_seeds())
+def test_random_ratio_per_group(net, seed):
+    model, xs = net
+    assert_prune_equivalent(model, xs, seed=seed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(max_blocks=4))
+def test_keep_all_is_identity(net):
+    model, xs = net
+    gm, _ = fxprune.prepare(model, xs)
+    new = rewrite_graph(gm, analyze_graph(gm), Selection(), xs)
+    for a, b in zip(_outputs(new, xs), _outputs(model, xs), strict=True):
+        assert torch.equal(a, b)
+
+
+def _compose(analysis, sel1: Selection, analysis2, sel2: Selection) -> Selection:
+    """The one-shot selection on the original equivalent to sel1 followed by sel2 (mapped by positions)."""
+    keep1, keep2 = analysis.keep_fn(sel1), analysis2.keep_fn(sel2)
+    out = {}
+    for g in analysis.groups:
+        if not g.channels:
+            continue
+        ref = g.channels[0]
+        key = ("a", ref.node, ref.output, ref.dim)
+        size = analysis.table.axes[key].size
+        k1 = keep1(key)
+        k1 = np.ones(size, dtype=bool) if k1 is None else k1
+        final = k1.copy()
+        k2 = keep2(key) if key in analysis2.table.axes else None
+        if k2 is not None:
+            final[np.flatnonzero(k1)] = k2
+        units = member_units(ref)
+        rows = ref.span.indices()
+        kept = tuple(int(u) for u, r in zip(units, rows, strict=True) if final[r].all())
+        missing = set(range(g.size)) - set(int(u) for u in units)
+        kept = tuple(sorted(set(kept) | missing))
+        if len(kept) < g.size:
+            out[g.id] = kept
+    return Selection.from_dict(out)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(max_blocks=3), selection_seeds(), selection_seeds())
+def test_composition_of_two_prunings(net, s1, s2):
+    model, xs = net
+    gm, _ = fxprune.prepare(model, xs)
+    a1 = analyze_graph(gm)
+    sel1 = random_selection(a1, s1, ratio=0.4)
+    p1 = rewrite_graph(gm, a1, sel1, xs)
+    a2 = analyze_graph(p1)
+    sel2 = random_selection(a2, s2, ratio=0.4)
+    p12 = rewrite_graph(p1, a2, sel2, xs)
+    once = rewrite_graph(gm, a1, _compose(a1, sel1, a2, sel2), xs)
+    for a, b in zip(_outputs(p12, xs), _outputs(once, xs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    s12 = {k: tuple(v.shape) for k, v in p12.state_dict().items()}
+    s1_ = {k: tuple(v.shape) for k, v in once.state_dict().items()}
+    assert s12 == s1_
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(max_blocks=3, families=ALL_FAMILIES - {"multi_io"}), st.sampled_from(["l1", "l2", "random"]),
+       keep_fractions(0.1, 0.8), st.booleans())
+def test_compile_verifies_on_random_networks(net, importance, ratio, global_ranking):
+    model, xs = net
+    res = fxprune.compile(model, xs, importance=importance, ratio=ratio, global_ranking=global_ranking,
+                          verify="equivalence")
+    assert res.report.macs_after <= res.report.macs_before
