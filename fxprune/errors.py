@@ -47,7 +47,9 @@ class VerificationError(FxpruneError):
 
 def node_location(node: Any) -> str:
     """Return the last user frame of ``node``'s stack trace (``File "...", line N, in f`` + code), or ''."""
-    trace = getattr(node, "meta", {}).get("stack_trace") if node is not None else None
+    from .meta import stack_trace
+
+    trace = stack_trace(node)
     if not trace:
         return ""
     lines = [ln for ln in trace.strip().splitlines() if ln.strip()]

@@ -17,7 +17,12 @@ key                 where         value
 ``importance``      gm.meta       ``dict[group_id, np.ndarray]`` one score per unit (higher = keep)
 ``selection``       gm.meta       :class:`fxprune.ir.Selection`
 ``cost``            gm.meta       :class:`fxprune.flops.Cost` of the graph
+``stack_trace``     node.meta     the user's source stack of the node (torch.fx's own key)
+``fxprune.sources`` gm.meta       callable → ``{node name: stack trace}``, computed on first use
 ==================  ============  ===========================================================
+
+Stack traces are not recorded while tracing (recording them costs as much as the whole analysis of a deep
+network); :func:`stack_trace` computes them on demand, only when an error message needs a source line.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["KEYS", "get", "put", "has", "tensor_meta", "concrete_value", "set_concrete_value"]
+__all__ = ["KEYS", "get", "put", "has", "tensor_meta", "concrete_value", "set_concrete_value", "stack_trace",
+           "set_source_finder", "copy_source_finder"]
 
 #: Graph-level keys a pass may declare in ``reads``/``writes``.
 KEYS = ("shapes", "groups", "importance", "selection", "cost")
@@ -63,6 +69,37 @@ def tensor_meta(node: Any) -> Any:
     if not isinstance(node, fx.Node):
         return None
     return node.meta.get("tensor_meta")
+
+
+def set_source_finder(gm: fx.GraphModule, finder: Any) -> None:
+    """Attach ``finder() -> {node name: stack trace}`` (called at most once, when an error needs it)."""
+    gm.meta[_PREFIX + "sources"] = finder
+
+
+def copy_source_finder(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """Let ``dst`` (a rewrite of ``src`` with the same node names) find its nodes' sources through ``src``."""
+    if _PREFIX + "sources" in src.meta:
+        dst.meta[_PREFIX + "sources"] = src.meta[_PREFIX + "sources"]
+
+
+def stack_trace(node: Any) -> str | None:
+    """The source stack of ``node`` (recorded or computed on demand), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    found = node.meta.get("stack_trace")
+    if found:
+        return found
+    gm = node.graph.owning_module
+    finder = gm.meta.get(_PREFIX + "sources") if gm is not None else None
+    if finder is None:
+        return None
+    if not isinstance(finder, dict):
+        try:
+            finder = finder()
+        except Exception:  # a source line is a courtesy in an error message, never a second error
+            finder = {}
+        gm.meta[_PREFIX + "sources"] = finder
+    return finder.get(node.name)
 
 
 def concrete_value(node: fx.Node) -> Any:

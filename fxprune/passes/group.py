@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from .. import meta
 from ..errors import ConfigError, UnsupportedOpError, node_location
-from ..ir import ChannelGroup, ChannelRef, Constraint, ParamSlice, Selection, fit_index_map, Explicit
+from ..ir import ChannelGroup, ChannelRef, Constraint, Explicit, ParamSlice, Selection, Span, fit_index_map
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
 from ..rules.base import AxisTable, RuleContext, _lookup_tensor, op_key
@@ -295,6 +295,19 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
             continue
         el = labels[ax.base : ax.base + ax.size]
         per_group: dict[int, np.ndarray] = {}
+        g0 = int(eg[0])
+        if g0 >= 0 and len(unit_lists[g0]) == ax.size and (eg == g0).all() and (
+            unit_of[el] == np.arange(ax.size)
+        ).all():  # the common case: the whole axis is one group, position i is unit i
+            per_group[g0] = np.arange(ax.size)
+            span = Span(0, ax.size)
+            if key[0] == "p":
+                info = table.params[key]
+                params[g0].append(ParamSlice(key[1], key[2], span, info.role, info.groups, info.is_buffer, None))
+            elif key[0] == "a":
+                members[g0].append(ChannelRef(key[1], key[3], span, key[2], None))
+            axis_group_units[key] = per_group
+            continue
         for g in np.unique(eg[eg >= 0]):
             g = int(g)
             pos = np.flatnonzero(eg == g)

@@ -92,6 +92,7 @@ def rewrite_graph(
                     exc.add_note(f"fxprune: while patching node '{node.name}'" + (f" at {where}" if where else ""))
                     raise
     new_gm = fx.GraphModule(root, new_graph, gm.__class__.__name__)
+    meta.copy_source_finder(gm, new_gm)
     new_gm.graph.lint()
     new_gm.train(gm.training)
     if example_inputs is not None:

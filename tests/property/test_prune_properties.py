@@ -53,20 +53,31 @@ def test_keep_all_is_identity(net):
         assert torch.equal(a, b)
 
 
+def _key(member) -> tuple:
+    if hasattr(member, "node"):
+        return ("a", member.node, member.output, member.dim)
+    return ("p", member.param, member.dim)
+
+
 def _compose(analysis, sel1: Selection, analysis2, sel2: Selection) -> Selection:
-    """The one-shot selection on the original equivalent to sel1 followed by sel2 (mapped by positions)."""
+    """The one-shot selection on the original equivalent to sel1 followed by sel2 (mapped by positions).
+
+    Each group is addressed through a member (activation or parameter slice) whose axis exists in both
+    analyses (a rewritten module may rename its parameters, e.g. MultiheadAttention's packed in_proj)."""
     keep1, keep2 = analysis.keep_fn(sel1), analysis2.keep_fn(sel2)
     out = {}
     for g in analysis.groups:
-        if not g.channels:
+        members = [*g.channels, *g.params]
+        shared = [m for m in members if _key(m) in analysis2.table.axes]
+        if not members:
             continue
-        ref = g.channels[0]
-        key = ("a", ref.node, ref.output, ref.dim)
+        ref = shared[0] if shared else members[0]
+        key = _key(ref)
         size = analysis.table.axes[key].size
         k1 = keep1(key)
         k1 = np.ones(size, dtype=bool) if k1 is None else k1
         final = k1.copy()
-        k2 = keep2(key) if key in analysis2.table.axes else None
+        k2 = keep2(key) if shared else None
         if k2 is not None:
             final[np.flatnonzero(k1)] = k2
         units = member_units(ref)
