@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     net = Net().eval()
     x = torch.randn(2, 3, 16, 16)
 
-    banner("1. no rule, traced as usual: ChannelScale.forward has Python control flow on the input")
-    try:
-        fxprune.compile(net, x, ratio=args.ratio)
+    banner("1. no rule, symbolic tracing only: ChannelScale.forward has Python control flow on the input")
+    try:  # frontend="fx": the default "auto" would fall back to torch.export and capture it as ATen ops
+        fxprune.compile(net, x, ratio=args.ratio, frontend="fx")
     except fxprune.TraceError as err:
         print(f"fxprune.TraceError: {err}")
     else:

@@ -40,8 +40,15 @@ from .passes import (
     Select,
     Verify,
 )
+from .passes.gradient import HessianImportance, TaylorImportance
+from .passes.absorb import AbsorbConstants
+from .passes import ActivationImportance, LassoImportance, Reconstruct, SequentialPrune, ThiNetImportance
+from . import calib  # calibration engine for data-driven passes (compile(..., calib=...))
 from .pipeline import Context, Pass, PassResult, Pipeline, graph_pass, register_pass
 from .rules import RULES, Rule, RuleContext, RuleTable
+from . import sparsity  # registers importance="dead" and "l1_projection"
+from .finetune import IterativePruner, finetune, iterative_prune
+from .serialize import load, save
 
 __version__ = "0.1.0"
 
@@ -55,7 +62,12 @@ __all__ = [
     "PrunedMultiheadAttention",
     "GroupChannels", "ImportancePass", "MagnitudeImportance", "BNScaleImportance", "RandomImportance", "Select",
     "Rewrite", "Verify",
+    "TaylorImportance", "HessianImportance",
     "Pass", "PassResult", "Context", "Pipeline", "graph_pass", "register_pass",
     "RULES", "Rule", "RuleContext", "RuleTable",
+    "save", "load",
+    "AbsorbConstants",
+    "ThiNetImportance", "LassoImportance", "ActivationImportance", "Reconstruct", "SequentialPrune", "calib",
+    "sparsity", "finetune", "iterative_prune", "IterativePruner",
     "__version__",
 ]

@@ -159,18 +159,57 @@ def _resolve_reconstruct(spec: str | Pass) -> Pass:
     raise ConfigError(f"reconstruct must be a method name or a Pass, got {spec!r}")
 
 
+def _sequential_passes(passes: list[Pass], imp: Pass, sel: Pass, reconstruct: Any, step_callback: Any,
+                       verify: str) -> list[Pass]:
+    from .passes.importance import ImportancePass
+    from .passes.sequential import SequentialPrune
+
+    if not isinstance(imp, ImportancePass):
+        raise ConfigError("sequential=True needs an importance criterion (an ImportancePass)")
+    if reconstruct is not None and not isinstance(reconstruct, str):
+        raise ConfigError("with sequential=True, reconstruct must be a method name ('thinet' or 'lstsq')")
+    if verify == "equivalence" and (reconstruct is not None or step_callback is not None):
+        raise ConfigError("verify='equivalence' cannot hold when sequential steps change weights (reconstruct= or "
+                          "step_callback=); use verify='shapes'")
+    seq = SequentialPrune(criterion=imp, select=sel, reconstruct=reconstruct, step_callback=step_callback)
+    return [p for p in passes if p.name == "group"] + [seq]  # (constant absorption is a one-shot post-pass)
+
+
+def _check_calib(pipe: Pipeline, calib: Any) -> None:
+    """Data-driven passes need calibration data: fail before any work when it is missing or unusable."""
+    needy = [p.name for p in pipe.passes if getattr(p, "needs_calib", False)]
+    if not needy:
+        return
+    if calib is None:
+        raise ConfigError(f"{', '.join(needy)} need(s) calibration data: pass calib= (an iterable of input "
+                          "batches, e.g. a list of tensors or a DataLoader)")
+    if isinstance(calib, (str, bytes, Mapping)) or not (isinstance(calib, torch.Tensor) or hasattr(calib, "__iter__")):
+        raise ConfigError(f"calib must be an iterable of input batches, got {type(calib).__name__}")
+
+
 def prepare(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] = (),
-            rules: RuleTable = RULES) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """Copy, trace and shape-propagate ``model`` (used by :func:`compile` and by the testing helpers)."""
+            rules: RuleTable = RULES, frontend: str = "auto") -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """Copy, capture and shape-propagate ``model`` (used by :func:`compile` and by the testing helpers).
+
+    ``frontend``: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, ATen graph) or ``"auto"`` (fx,
+    falling back to export when tracing fails); see :mod:`fxprune.export`."""
+    gm, inputs, _ = _prepare(model, example_inputs, leaf_modules, rules, frontend)
+    return gm, inputs
+
+
+def _prepare(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any], rules: RuleTable,
+             frontend: str) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...], str]:
+    from .export import capture
+
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     work = copy_model(model)
     work.eval()
-    gm = trace(work, rules.has_module_rule, leaf_modules)
+    gm, _, note = capture(work, inputs, rules.has_module_rule, leaf_modules, frontend)
     propagate_shapes(gm, inputs)
     meta.put(gm, "cost", count_cost(gm))
-    return gm, inputs
+    return gm, inputs, note
 
 
 def _check_ignore(model: nn.Module, ignore: Iterable[str]) -> tuple[str, ...]:
@@ -212,6 +251,10 @@ def compile(
     callback: Callable[[Pass, Any], None] | None = None,
     calib: Any = None,
     reconstruct: str | Pass | None = None,
+    frontend: str = "auto",
+    absorb: bool = True,
+    sequential: bool = False,
+    step_callback: Callable[[fx.GraphModule, dict], None] | None = None,
 ) -> CompileResult:
     """Trace ``model``, group coupled channels, score, select, and return a NEW smaller module.
 
@@ -223,9 +266,17 @@ def compile(
 
     ``verify``: ``"shapes"`` (default) checks output shapes; ``"equivalence"`` (or True) also checks the
     result against the masked reference in float64; ``False``/``"none"`` skips verification.
+    ``frontend``: ``"auto"`` (default: symbolic tracing, falling back to torch.export when tracing fails),
+    ``"fx"`` or ``"export"``; see :mod:`fxprune.export` for the form the result takes on each path.
     ``calib``: an iterable of input batches (a tensor or a tuple per batch) for data-driven passes, in
     ``Context.calib``. ``reconstruct``: a post-pass (name or pass object) run after the rewrite with the
     original and the pruned module side by side.
+    ``sequential=True``: prune one group at a time, scoring each on the network pruned so far against the
+    original's targets, refitting its consumers when ``reconstruct`` names a method, and calling
+    ``step_callback(module, info)`` after each step (see :mod:`fxprune.passes.sequential`).
+    ``absorb`` (default True): a removed channel whose output is structurally a constant (BatchNorm γ = 0,
+    all-zero filter) has that constant folded into its consumers' biases, so removing it is exact
+    (see :mod:`fxprune.passes.absorb`); it changes nothing for any other channel.
     """
     t0 = time.perf_counter()
     rules = rules or RULES
@@ -251,17 +302,28 @@ def compile(
                      min_keep=min_keep, round_to=round_to, ratios=dict(ratios or {}))
         passes: list[Pass] = [GroupChannels(unknown_ops, ignore, allow_lossy, rules if rules is not RULES else None),
                               imp, sel, Rewrite()]
-        if reconstruct is not None:
-            passes.append(_resolve_reconstruct(reconstruct))
+        if absorb:  # fold constant outputs of removed channels (γ = 0 BN channels...) into consumers' biases
+            from .passes.absorb import AbsorbConstants
+
+            passes.append(AbsorbConstants())
+        if sequential:  # data-driven layer-by-layer: replaces importance | select | rewrite (fxprune.passes.sequential)
+            passes = _sequential_passes(passes, imp, sel, reconstruct, step_callback, verify)
+            reconstruct = None
         if verify != "none":
             passes.append(Verify(equivalence=(verify == "equivalence")))
+        if reconstruct is not None:  # after verify: the check is of the rewrite, the refit then changes weights
+            passes.append(_resolve_reconstruct(reconstruct))
         pipe = Pipeline(tuple(passes))
     else:
         pipe = Pipeline.parse(pipeline)
     pipe.check()
+    _check_calib(pipe, calib)
     # -- work ---------------------------------------------------------------------------------------
-    gm, inputs = prepare(model, inputs, leaf_modules, rules)
+    gm, inputs, capture_note = _prepare(model, inputs, leaf_modules, rules, frontend)
     ctx = Context(model=model, example_inputs=inputs, original=gm, calib=calib, seed=seed)
+    ctx.extras["pipeline"] = pipe  # lets a criterion see the downstream Select (e.g. LASSO's exact count)
+    if capture_note:
+        ctx.notes.append(capture_note)
     before = meta.get(gm, "cost")
     out = pipe.run(gm, ctx, callback)
     if out is gm:  # a pipeline without a rewrite still returns a module distinct from the original

@@ -18,7 +18,6 @@ key                 where         value
 ``selection``       gm.meta       :class:`fxprune.ir.Selection`
 ``cost``            gm.meta       :class:`fxprune.flops.Cost` of the graph
 ``stack_trace``     node.meta     the user's source stack of the node (torch.fx's own key)
-``fxprune.sources`` gm.meta       callable → ``{node name: stack trace}``, computed on first use
 ==================  ============  ===========================================================
 
 Stack traces are not recorded while tracing (recording them costs as much as the whole analysis of a deep
@@ -27,6 +26,7 @@ network); :func:`stack_trace` computes them on demand, only when an error messag
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch.fx as fx
@@ -71,15 +71,19 @@ def tensor_meta(node: Any) -> Any:
     return node.meta.get("tensor_meta")
 
 
+# GraphModule -> finder (or its cached result). Kept outside gm.meta so that modules stay picklable.
+_SOURCES: "weakref.WeakKeyDictionary[fx.GraphModule, Any]" = weakref.WeakKeyDictionary()
+
+
 def set_source_finder(gm: fx.GraphModule, finder: Any) -> None:
     """Attach ``finder() -> {node name: stack trace}`` (called at most once, when an error needs it)."""
-    gm.meta[_PREFIX + "sources"] = finder
+    _SOURCES[gm] = finder
 
 
 def copy_source_finder(src: fx.GraphModule, dst: fx.GraphModule) -> None:
     """Let ``dst`` (a rewrite of ``src`` with the same node names) find its nodes' sources through ``src``."""
-    if _PREFIX + "sources" in src.meta:
-        dst.meta[_PREFIX + "sources"] = src.meta[_PREFIX + "sources"]
+    if src in _SOURCES:
+        _SOURCES[dst] = _SOURCES[src]
 
 
 def stack_trace(node: Any) -> str | None:
@@ -90,7 +94,7 @@ def stack_trace(node: Any) -> str | None:
     if found:
         return found
     gm = node.graph.owning_module
-    finder = gm.meta.get(_PREFIX + "sources") if gm is not None else None
+    finder = _SOURCES.get(gm) if gm is not None else None
     if finder is None:
         return None
     if not isinstance(finder, dict):
@@ -98,7 +102,7 @@ def stack_trace(node: Any) -> str | None:
             finder = finder()
         except Exception:  # a source line is a courtesy in an error message, never a second error
             finder = {}
-        gm.meta[_PREFIX + "sources"] = finder
+        _SOURCES[gm] = finder
     return finder.get(node.name)
 
 

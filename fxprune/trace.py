@@ -138,11 +138,28 @@ def trace(
     return gm
 
 
+_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """torch's ``TensorMetadata`` of ``t``; the common case without torch's Python contiguity checks."""
+    if t.is_quantized or t.layout != torch.strided:
+        return _extract_tensor_metadata(t)
+    fmt = None
+    for f in _FORMATS:
+        if t.dim() == {torch.channels_last: 4, torch.channels_last_3d: 5}.get(f, t.dim()) and t.is_contiguous(
+            memory_format=f
+        ):
+            fmt = f
+            break
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
+
+
 def _record(node: fx.Node, value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        node.meta["tensor_meta"] = _tensor_metadata(value)
     elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        node.meta["tensor_meta"] = tuple(_extract_tensor_metadata(v) for v in value)
+        node.meta["tensor_meta"] = tuple(_tensor_metadata(v) for v in value)
     else:
         node.meta.pop("tensor_meta", None)
         if isinstance(value, (int, float, bool, torch.Size)) or (
@@ -152,7 +169,7 @@ def _record(node: fx.Node, value: Any) -> None:
         elif isinstance(value, (tuple, list)):
             # Mixed tuples (e.g. MultiheadAttention's (out, None)): keep per-item tensor metadata.
             node.meta["tensor_meta"] = tuple(
-                _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else None for v in value
+                _tensor_metadata(v) if isinstance(v, torch.Tensor) else None for v in value
             )
 
 
@@ -234,6 +251,10 @@ def _same_shape_output(mod: nn.Module, x: Any) -> torch.Tensor | None:
         return _meta_like(x)
     if cls in _BN_DIMS and not mod.training and x.dim() in _BN_DIMS[cls] and x.shape[1] == mod.num_features:
         return _meta_like(x)
+    if cls is nn.LayerNorm and tuple(x.shape[x.dim() - len(mod.normalized_shape):]) == tuple(mod.normalized_shape):
+        return _meta_like(x)
+    if cls is nn.Linear and x.dim() >= 1 and x.shape[-1] == mod.in_features and x.dtype == mod.weight.dtype:
+        return torch.empty((*x.shape[:-1], mod.out_features), dtype=x.dtype, device="meta")
     return None
 
 

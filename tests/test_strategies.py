@@ -96,7 +96,8 @@ def _check_network(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: Net
         assert len(outs) == 1
     for o in outs:
         assert torch.isfinite(o).all()
-        assert o.abs().max() > 0
+    # the logits come from a Linear with a random bias; a feature map after a final ReLU may be all zero
+    assert outs[0].abs().max() > 0
     # traceable, and the traced module computes the same function
     gm = fx.symbolic_trace(model)
     gm.graph.lint()

@@ -22,7 +22,29 @@ register_pass("select", Select)
 register_pass("rewrite", Rewrite)
 register_pass("verify", Verify)
 
+from .gradient import HessianImportance, TaylorImportance  # noqa: E402  (also registers taylor/taylor_weight/hessian)
+
+register_pass("taylor", lambda **kw: TaylorImportance(**{"mode": "activation", **kw}))
+register_pass("taylor_weight", lambda **kw: TaylorImportance(**{"mode": "weight", **kw}))
+register_pass("hessian", HessianImportance)
+
 __all__ = [
     "Analysis", "GroupChannels", "analyze_graph", "ImportancePass", "MagnitudeImportance", "BNScaleImportance",
     "RandomImportance", "Select", "Rewrite", "rewrite_graph", "Verify", "masked_reference",
 ]
+__all__ += ["TaylorImportance", "HessianImportance"]
+
+from .absorb import AbsorbConstants, Absorbed  # noqa: E402
+
+register_pass("absorb", AbsorbConstants)
+__all__ += ["AbsorbConstants", "Absorbed"]
+
+# data-driven criteria and reconstruction (calibration data: compile(..., calib=...))
+from .activation import ActivationImportance  # noqa: E402
+from .lasso import LassoImportance  # noqa: E402
+from .reconstruct import Reconstruct  # noqa: E402
+from .sequential import SequentialPrune  # noqa: E402
+from .thinet import ThiNetImportance  # noqa: E402
+from . import datadriven as _datadriven  # noqa: E402,F401  (registers the names)
+
+__all__ += ["ThiNetImportance", "LassoImportance", "ActivationImportance", "Reconstruct", "SequentialPrune"]

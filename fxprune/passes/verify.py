@@ -27,8 +27,11 @@ from ..rules.base import _lookup_tensor
 __all__ = ["Verify", "masked_reference", "compare_outputs", "flatten_outputs"]
 
 
-def masked_reference(gm: fx.GraphModule, analysis, selection: Selection) -> fx.GraphModule:
-    """Deep copy of ``gm`` with the consuming slices of every removed unit zeroed."""
+def masked_reference(gm: fx.GraphModule, analysis, selection: Selection, absorbed: Sequence[Any] = ()) -> fx.GraphModule:
+    """Deep copy of ``gm`` with the consuming slices of every removed unit zeroed.
+
+    ``absorbed``: records of :class:`fxprune.passes.absorb.Absorbed` (the constants the absorb pass folded
+    into consumers' biases); they are applied to the reference too, so it stays exact."""
     ref = copy.deepcopy(gm)
     ref.meta.clear()
     kept = selection.as_dict()
@@ -59,6 +62,10 @@ def masked_reference(gm: fx.GraphModule, analysis, selection: Selection) -> fx.G
                 else:
                     idx = torch.as_tensor(pos, device=t.device)
                     t.index_fill_(ps.dim, idx, 0)
+    if absorbed:
+        from .absorb import apply_absorbed
+
+        apply_absorbed(ref, absorbed)
     return ref
 
 
@@ -141,7 +148,7 @@ class Verify(Pass):
                 ctx.notes.append("verify: lossy groups were pruned; equivalence check skipped")
                 stats["equivalence"] = "skipped (lossy)"
             else:
-                ref = masked_reference(orig, analysis, sel)
+                ref = masked_reference(orig, analysis, sel, ctx.extras.get("absorbed", ()))
                 msg = compare_outputs(_run(gm, ctx.example_inputs, dt), _run(ref, ctx.example_inputs, dt),
                                       self.rtol, self.atol)
                 if msg:

@@ -389,9 +389,9 @@ def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.M
     import copy
 
     new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
+    for k, v in module.__dict__.items():  # hook tables etc.: a dict shared with the original would leak
+        if isinstance(v, (dict, list, set)):
+            new.__dict__[k] = copy.copy(v)
     prefix = f"{qualname}." if qualname else ""
     for store, is_param in ((new._parameters, True), (new._buffers, False)):
         for name, t in list(store.items()):

@@ -13,6 +13,7 @@ import copy
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -171,6 +172,9 @@ class FunctionalLinearRule(Rule):
         rc.produce(out)
         rc.tie(out, rc.act(w, 0))
         rc.tie(rc.act(x, -1), rc.act(w, 1))
+        if isinstance(w, fx.Node) and w.op == "get_attr":  # roles, for the criteria and the masked reference
+            rc.param(str(w.target), 0, "out")
+            rc.param(str(w.target), 1, "in")
         if rc.is_tensor(b):
             rc.tie(out, rc.act(b, 0))
 

@@ -62,29 +62,27 @@ def _key(member) -> tuple:
 def _compose(analysis, sel1: Selection, analysis2, sel2: Selection) -> Selection:
     """The one-shot selection on the original equivalent to sel1 followed by sel2 (mapped by positions).
 
-    Each group is addressed through a member (activation or parameter slice) whose axis exists in both
-    analyses (a rewritten module may rename its parameters, e.g. MultiheadAttention's packed in_proj)."""
+    A unit's fate is read off every member (activation or parameter slice) whose axis exists in both
+    analyses (a rewritten module may rename its parameters, e.g. MultiheadAttention's packed in_proj);
+    units no such member covers keep sel1's verdict."""
     keep1, keep2 = analysis.keep_fn(sel1), analysis2.keep_fn(sel2)
+    first = sel1.as_dict()
     out = {}
     for g in analysis.groups:
-        members = [*g.channels, *g.params]
-        shared = [m for m in members if _key(m) in analysis2.table.axes]
-        if not members:
-            continue
-        ref = shared[0] if shared else members[0]
-        key = _key(ref)
-        size = analysis.table.axes[key].size
-        k1 = keep1(key)
-        k1 = np.ones(size, dtype=bool) if k1 is None else k1
-        final = k1.copy()
-        k2 = keep2(key) if shared else None
-        if k2 is not None:
-            final[np.flatnonzero(k1)] = k2
-        units = member_units(ref)
-        rows = ref.span.indices()
-        kept = tuple(int(u) for u, r in zip(units, rows, strict=True) if final[r].all())
-        missing = set(range(g.size)) - set(int(u) for u in units)
-        kept = tuple(sorted(set(kept) | missing))
+        verdict: dict[int, bool] = {}
+        for m in (*g.channels, *g.params):
+            key = _key(m)
+            if key not in analysis2.table.axes:
+                continue
+            k1 = keep1(key)
+            final = np.ones(analysis.table.axes[key].size, dtype=bool) if k1 is None else k1.copy()
+            k2 = keep2(key)
+            if k2 is not None:
+                final[np.flatnonzero(final)] = k2
+            for u, r in zip(member_units(m), m.span.indices(), strict=True):
+                verdict.setdefault(int(u), bool(final[r].all()))
+        after1 = set(first.get(g.id, range(g.size)))
+        kept = tuple(u for u in range(g.size) if verdict.get(u, u in after1))
         if len(kept) < g.size:
             out[g.id] = kept
     return Selection.from_dict(out)

@@ -1,0 +1,152 @@
+"""The torch.export front end, and the choice between front ends (``compile(..., frontend=)``).
+
+``frontend="fx"`` is symbolic tracing (:func:`fxprune.trace.trace`): modules with rules stay modules, so
+the pruned result is a GraphModule of smaller ``nn.Conv2d``/``nn.Linear``/... submodules whose mode-dependent
+layers (dropout, batch norm) follow ``train()``/``eval()``.
+
+``frontend="export"`` captures the model with ``torch.export.export(strict=False)``: Python control flow on
+tensors (Hugging Face-style mask construction by item assignment, shape-dependent branches, iteration
+over tensors in detection models) runs eagerly while the tensor ops are recorded as an fx graph of ATen
+operators, which the rules of :mod:`fxprune.rules.aten` analyse. Every input dim is exported as
+``Dim.AUTO`` (dynamic where the model allows, e.g. batch and sequence length; static otherwise), with a
+static re-export if that fails; a model with the attribute ``fxprune_static_shapes = True`` is exported
+with static shapes only (several times faster to capture; the result then accepts only the example
+shapes). The exported program is unlifted (``ExportedProgram.module()``, parameters
+become ``get_attr`` attributes at their original qualified names), its input guards and pytree calling
+convention are dropped, and the output structure (tensor, tuple, list, dict) is restored in the graph.
+
+What the export path gives you: a plain ``torch.fx.GraphModule`` holding the (sliced) parameters at their
+original names in a module hierarchy of plain ``nn.Module`` containers. It runs, trains (backward works;
+``train()``/``eval()`` are accepted) and pickles with ``torch.save`` like any GraphModule, but the graph is
+the model's **eval-mode** computation: dropout is absent and batch norm uses its running statistics in
+both modes, and tensors the model created at run time (``torch.zeros(...)``, ``arange``) are placed on the
+device used at capture time.
+
+``frontend="auto"`` (the default) tries symbolic tracing first and falls back to export when tracing
+fails; if both fail, one :class:`~fxprune.errors.TraceError` explains both failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import ConfigError, TraceError
+from .trace import trace
+
+__all__ = ["FRONTENDS", "export_graph", "capture"]
+
+log = logging.getLogger(__name__)
+
+FRONTENDS = ("auto", "fx", "export")
+
+#: node.meta entries kept from the exported graph (the others hold fake tensors and export bookkeeping)
+_KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+def _dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Any], ...]:
+    auto = torch.export.Dim.AUTO
+    return tuple({d: auto for d in range(x.dim())} for x in inputs)
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    if getattr(model, "fxprune_static_shapes", False):
+        return torch.export.export(model, inputs, strict=False)
+    try:
+        return torch.export.export(model, inputs, strict=False, dynamic_shapes=_dynamic_shapes(inputs))
+    except Exception as exc:  # dynamic dims the model cannot support: retry with every size static
+        log.debug("export with dynamic dims failed (%s: %s); retrying static", type(exc).__name__, exc)
+        return torch.export.export(model, inputs, strict=False)
+
+
+def _emittable(spec: pytree.TreeSpec) -> bool:
+    """Whether the output structure can be written literally in an fx graph (tuple/list/dict of tensors)."""
+    if spec.is_leaf():
+        return True
+    if spec.type not in (tuple, list, dict):
+        return False
+    return all(_emittable(c) for c in spec.children_specs)
+
+
+def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str | None = None) -> fx.GraphModule:
+    """Capture ``model`` (a private copy, in eval mode) with torch.export as a plain GraphModule of ATen ops.
+
+    Raises whatever torch.export raises; :func:`capture` turns it into a :class:`TraceError`.
+    """
+    ep = _export(model, inputs)
+    unlifted = ep.module()
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    flat_out: list[Any] = []
+    for node in unlifted.graph.nodes:
+        if node.op == "call_module" and not node.users and "guard" in str(node.target):
+            continue  # input-shape guards of the unlifted program (the pruned graph has its own shapes)
+        if node.op == "output":
+            flat_out = list(pytree.tree_leaves(node.args[0]))
+            continue
+        new = graph.node_copy(node, lambda n: env[n])
+        new.meta = {k: v for k, v in node.meta.items() if k in _KEEP_META}
+        env[node] = new
+    outs = [env[n] if isinstance(n, fx.Node) else n for n in flat_out]
+    spec = ep.call_spec.out_spec
+    if spec is not None and _emittable(spec):
+        result = pytree.tree_unflatten(outs, spec)
+    else:
+        result = tuple(outs)
+        if spec is not None:
+            log.warning("output structure %s cannot be reproduced in the graph; the pruned module returns a "
+                        "flat tuple", spec.type)
+    graph.output(result)
+    graph.eliminate_dead_code()
+    gm = fx.GraphModule(unlifted, graph, name or type(model).__name__)
+    gm.graph.lint()
+    return gm
+
+
+def capture(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    is_rule_leaf: Callable[[nn.Module], bool],
+    leaf_modules: Iterable[Any] = (),
+    frontend: str = "auto",
+) -> tuple[fx.GraphModule, str, str]:
+    """Capture ``model`` (already a private copy in eval mode) with the chosen front end.
+
+    Returns ``(graph module, front end used, note)``; ``note`` says why the fallback was taken ('' if none).
+    """
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
+    if frontend == "fx":
+        return trace(model, is_rule_leaf, leaf_modules), "fx", ""
+    fx_error: TraceError | None = None
+    if frontend == "auto":
+        try:
+            return trace(model, is_rule_leaf, leaf_modules), "fx", ""
+        except TraceError as exc:
+            fx_error = exc
+            log.info("symbolic tracing failed; capturing with torch.export instead: %s", str(exc).splitlines()[0])
+    try:
+        gm = export_graph(model, inputs)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if fx_error is None:
+            raise TraceError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
+                             f"{first}") from exc
+        fx_text = "\n".join("     " + ln if i else ln for i, ln in enumerate(str(fx_error).splitlines()))
+        raise TraceError(
+            f"neither front end can capture {type(model).__name__}:\n"
+            f"  1. {fx_text}\n"
+            f"  2. torch.export (non-strict) failed: {type(exc).__name__}: {first}\n"
+            "     hint: torch.export runs the Python code but needs one graph: no branches on tensor values, "
+            "no data-dependent shapes it cannot bound. Fixing either failure is enough."
+        ) from exc
+    note = ""
+    if fx_error is not None:
+        note = ("captured with torch.export (ATen graph, eval-mode semantics) because symbolic tracing failed: "
+                f"{str(fx_error).splitlines()[0]}")
+    return gm, "export", note

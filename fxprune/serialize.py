@@ -1,0 +1,513 @@
+"""Saving and loading pruned models without pickled code.
+
+This module owns the fxprune file format. A file written by :func:`save` is a plain ``torch.save`` of a
+dict holding only tensors, strings, numbers, booleans, ``None``, lists and dicts, so it opens with
+``torch.load(path, weights_only=True)``: loading a model file never executes code from it.
+
+Contents (``version`` 1)::
+
+    {"format": "fxprune", "version": 1, "torch": "2.x", "fxprune": "0.1.0",
+     "inputs": [{"shape": [...], "dtype": "float32"}, ...],   # example inputs the plan was traced with
+     "steps": [                                                 # one entry per compile (iterative pruning)
+        {"pipeline": "group | importance | ...", "pipeline_spec": [{"pass": ..., options}, ...],
+         "analysis": {"unknown_ops", "ignore", "allow_lossy"},  # what the grouping needs to be re-run
+         "arch": sha256 of the step's input parameter/buffer names and shapes,
+         "graph": sha256 of the traced graph (ops, targets, arguments), "frontend": "fx" or "export",
+         "added_params": [[name, shape, requires_grad], ...],     # biases a post-pass created (absorb)
+         "groups": [{"id", "size", "root", "keep": [...]}, ...],      # kept units per pruned group
+         "params": {qualified name: {dim: [kept indices]}}},          # the same plan, per tensor
+     ],
+     "arch": fingerprint of the original model, "arch_tensors": [[name, shape], ...], "training": bool, "meta": user data,
+     "state_dict": {name: tensor}, "checksum": sha256 over everything above}
+
+:func:`load` traces a fresh instance of the original architecture, re-runs the channel analysis,
+rebuilds each step's selection from the plan (by group; if the group ids differ, from the per-tensor
+masks), checks that the rebuilt plan removes exactly the saved indices of every tensor, rewrites, and
+only then loads the weights (``strict``). Every check happens before a module is handed back, so a
+mismatching architecture or a damaged file raises an :class:`~fxprune.errors.FxpruneError` subclass
+and never yields a half-loaded model.
+
+Invariant: ``load(path, fresh_model)(x)`` equals the saved module's output exactly (same graph, same
+tensors), in any process.
+
+>>> import torch, fxprune, tempfile, os
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+>>> res = fxprune.compile(net, torch.randn(1, 3, 8, 8), ratio=0.5)
+>>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+>>> fxprune.save(res, path)
+>>> fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+>>> m = fxprune.load(path, fresh)
+>>> x = torch.randn(2, 3, 8, 8)
+>>> torch.equal(m(x), res.module(x))
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import ConfigError, FxpruneError, InputError
+
+__all__ = ["save", "load", "read_file", "FormatError", "ArchitectureMismatchError", "FORMAT", "VERSION",
+           "fingerprint", "graph_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fxprune"
+VERSION = 1
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class FormatError(InputError):
+    """The file is not an fxprune model file, or it is damaged (truncated, edited, wrong checksum)."""
+
+
+class ArchitectureMismatchError(InputError):
+    """The model given to :func:`load` is not the architecture the file was saved from."""
+
+
+# -- plain-data helpers -----------------------------------------------------------------------------
+
+
+def _plain(x: Any, where: str = "value") -> Any:
+    """``x`` as JSON-like plain data (tuples become lists); anything else is a ConfigError."""
+    if isinstance(x, _PLAIN):
+        return x
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, (list, tuple)):
+        return [_plain(v, where) for v in x]
+    if isinstance(x, Mapping):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: keys must be strings, got {k!r}")
+            out[k] = _plain(v, where)
+        return out
+    raise ConfigError(f"{where}: {type(x).__name__} is not plain data (str, number, bool, None, list, dict)")
+
+
+def _canonical(x: Any) -> bytes:
+    return json.dumps(x, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    """sha256 over the canonical JSON of every non-tensor field, then each tensor (sorted by name)."""
+    h = hashlib.sha256()
+    h.update(_canonical({k: v for k, v in body.items() if k not in ("state_dict", "checksum")}))
+    for name in sorted(body["state_dict"]):
+        t = body["state_dict"][name]
+        h.update(_canonical([name, str(t.dtype), list(t.shape)]))
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 of the names and shapes of ``module``'s parameters and buffers (its architecture's identity)."""
+    items = sorted((k, list(v.shape)) for k, v in module.state_dict().items())
+    return hashlib.sha256(_canonical(items)).hexdigest()
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """sha256 of the traced graph's structure: every node's op, target and arguments (nodes by position)."""
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def arg(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return ["%", index[a]]
+        if isinstance(a, (list, tuple)):
+            return [arg(v) for v in a]
+        if isinstance(a, dict):
+            return {str(k): arg(v) for k, v in sorted(a.items(), key=lambda kv: str(kv[0]))}
+        return repr(a)
+
+    def target(t: Any) -> str:
+        if isinstance(t, str):
+            return t
+        try:
+            return fx.node._get_qualified_name(t)
+        except Exception:  # noqa: BLE001 - any unnamed callable is described by its repr
+            return repr(t)
+
+    rows = [[n.op, target(n.target), arg(n.args), arg(n.kwargs)] for n in gm.graph.nodes]
+    return hashlib.sha256(_canonical(rows)).hexdigest()
+
+
+# -- save -------------------------------------------------------------------------------------------
+
+
+def _pass_spec(p: Any) -> dict[str, Any]:
+    """A pass as ``{"pass": name, option: value}`` with the options that are plain data."""
+    spec: dict[str, Any] = {"pass": getattr(p, "name", type(p).__name__), "class": type(p).__name__}
+    if dataclasses.is_dataclass(p):
+        for f in dataclasses.fields(p):
+            try:
+                spec[f.name] = _plain(getattr(p, f.name))
+            except ConfigError:
+                spec[f.name] = f"<{type(getattr(p, f.name)).__name__}>"
+    return spec
+
+
+def _analysis_options(result: Any) -> dict[str, Any]:
+    from .passes.group import GroupChannels
+
+    for p in result.pipeline.passes:
+        if isinstance(p, GroupChannels):
+            if p.rules is not None:
+                log.warning("fxprune.save: the result was compiled with a private rule table; pass the same "
+                            "table to fxprune.load(..., rules=)")
+            return {"unknown_ops": p.unknown_ops, "ignore": list(p.ignore), "allow_lossy": bool(p.allow_lossy)}
+    return {"unknown_ops": "block", "ignore": [], "allow_lossy": False}
+
+
+def _step(result: Any) -> dict[str, Any]:
+    analysis, selection = result.analysis, result.selection
+    if analysis is None:
+        raise ConfigError("this result has no channel analysis (its pipeline has no 'group' pass): nothing to save "
+                          "as a plan; use torch.save(result.module) instead")
+    keep_of = analysis.keep_fn(selection)
+    params: dict[str, dict[str, list[int]]] = {}
+    for name, t in result.original.state_dict().items():
+        for d in range(t.dim()):
+            k = keep_of(("p", name, d))
+            if k is not None:
+                params.setdefault(name, {})[str(d)] = [int(i) for i in np.flatnonzero(k)]
+    groups = [{"id": gid, "size": analysis.groups[gid].size, "root": analysis.groups[gid].root, "keep": list(kept)}
+              for gid, kept in selection.keep]
+    return {
+        "pipeline": str(result.pipeline),
+        "pipeline_spec": [_pass_spec(p) for p in result.pipeline.passes],
+        "analysis": _analysis_options(result),
+        "arch": fingerprint(result.original),
+        "graph": graph_fingerprint(result.original),
+        "frontend": _frontend_of(result.original),
+        "n_groups": len(analysis.groups),
+        "groups": groups,
+        "params": params,
+    }
+
+
+def _frontend_of(gm: fx.GraphModule) -> str:
+    """"export" if the graph holds ATen operators (the torch.export front end captured it), else "fx"."""
+    return "export" if any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                           for n in gm.graph.nodes) else "fx"
+
+
+def _input_specs(inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
+
+
+def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None = None) -> None:
+    """Write a pruned model (the plan and the weights, no code) to ``path``.
+
+    ``result``: a :class:`~fxprune.CompileResult`, or a list of them for iterative pruning (each compiled
+    on the previous one's module). ``meta``: extra plain data stored with the model (e.g. how to build the
+    architecture). The plan is replayed on the result's own traced original first: a result that
+    :func:`load` could not reproduce (a post-pass changed the graph beyond adding a bias) is refused.
+    The file is written atomically (a temporary file renamed into place).
+    """
+    results = list(result) if isinstance(result, (list, tuple)) else [result]
+    if not results:
+        raise ConfigError("save: nothing to save (empty list of results)")
+    for i, r in enumerate(results):
+        if not hasattr(r, "module") or not hasattr(r, "selection") or not hasattr(r, "original"):
+            raise ConfigError(f"save: item {i} is a {type(r).__name__}, expected a CompileResult from fxprune.compile")
+    for i in range(1, len(results)):
+        if fingerprint(results[i].original) != fingerprint(results[i - 1].module):
+            raise ConfigError(f"save: step {i} was not compiled on step {i - 1}'s module (its parameters differ); "
+                              "pass the results of an iterative run in order")
+    last = results[-1].module
+    steps = [_step(r) for r in results]
+    for step, added in zip(steps, _replay_check(results), strict=True):
+        step["added_params"] = added
+    body: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch": torch.__version__.split("+")[0],
+        "fxprune": _version(),
+        "inputs": _input_specs(results[0].context.example_inputs),
+        "arch": fingerprint(results[0].context.model),
+        "arch_tensors": [[k, list(v.shape)] for k, v in results[0].context.model.state_dict().items()],
+        "training": bool(last.training),
+        "steps": steps,
+        "meta": _plain(dict(meta or {}), "save(meta=)"),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in last.state_dict().items()},
+    }
+    body["checksum"] = _checksum(body)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(body, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _added_params(r: Any, new: fx.GraphModule) -> list[list[Any]]:
+    """Parameters the result has but its plan's rewrite does not (a post-pass gave a bias-free conv a bias,
+    e.g. :mod:`fxprune.passes.absorb`): ``[name, shape, requires_grad]`` for each; anything else is a ConfigError."""
+    have = r.module.state_dict()
+    rebuilt = new.state_dict()
+    added = []
+    for name in sorted(set(have) - set(rebuilt)):
+        owner, _, attr = name.rpartition(".")
+        try:
+            mod = new.get_submodule(owner) if owner else new
+        except AttributeError:
+            mod = None
+        if mod is None or attr not in mod._parameters or mod._parameters[attr] is not None:
+            continue  # reported by the structure check below
+        p = r.module.get_submodule(owner).get_parameter(attr) if owner else r.module.get_parameter(attr)
+        added.append([name, list(p.shape), bool(p.requires_grad)])
+    return added
+
+
+def _add_params(gm: fx.GraphModule, added: Sequence[Sequence[Any]]) -> None:
+    """Re-create recorded post-pass parameters (zeros; the saved weights fill them)."""
+    for name, shape, requires_grad in added:
+        owner, _, attr = str(name).rpartition(".")
+        try:
+            mod = gm.get_submodule(owner) if owner else gm
+        except AttributeError:
+            mod = None
+        if mod is None or attr not in mod._parameters or mod._parameters[attr] is not None:
+            raise ArchitectureMismatchError(f"load: cannot re-create parameter '{name}' on the rebuilt module")
+        ref = next(iter(mod.parameters()), None)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        setattr(mod, attr, nn.Parameter(torch.zeros([int(v) for v in shape], dtype=dtype),
+                                        requires_grad=bool(requires_grad)))
+
+
+def _replay_check(results: Sequence[Any]) -> list[list[list[Any]]]:
+    """Replay every step's plan on its traced original; return the parameters post-passes added per step."""
+    from .passes.rewrite import rewrite_graph
+
+    out = []
+    for i, r in enumerate(results):
+        new = rewrite_graph(r.original, r.analysis, r.selection)
+        added = _added_params(r, new)
+        _add_params(new, added)
+        want = {k: tuple(v.shape) for k, v in r.module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+        if want != got:
+            diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got.get(k))
+            raise ConfigError(
+                f"save: step {i}'s module is not what its pruning plan produces (a pass after the rewrite changed "
+                f"the structure: {', '.join(diff[:5])}); fxprune.save stores plans, use torch.save(result.module) "
+                "for such modules"
+            )
+        out.append(added)
+    return out
+
+
+# -- load -------------------------------------------------------------------------------------------
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Open an fxprune model file with ``torch.load(weights_only=True)`` and check its format and checksum.
+
+    Returns the stored dict (plan, metadata, ``state_dict``); raises :class:`FormatError` on anything else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such fxprune model file: {path}")
+    try:
+        body = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, flipped bytes, pickled code refused by weights_only...
+        raise FormatError(f"{path} is not a readable fxprune model file ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise FormatError(f"{path} is not an fxprune model file (no 'format': 'fxprune' header)")
+    if body.get("version") != VERSION:
+        raise FormatError(f"{path} has format version {body.get('version')!r}; this fxprune reads version {VERSION}")
+    need = ("inputs", "arch", "arch_tensors", "steps", "state_dict", "checksum", "training", "meta")
+    missing = [k for k in need if k not in body]
+    if missing:
+        raise FormatError(f"{path} is incomplete: missing {', '.join(missing)}")
+    sd = body["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise FormatError(f"{path}: 'state_dict' must map names to tensors")
+    if _checksum(body) != body["checksum"]:
+        raise FormatError(f"{path} failed its checksum: the file was modified or damaged after it was saved")
+    return body
+
+
+def _example_inputs(specs: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, ...]:
+    out = []
+    for s in specs:
+        dtype = getattr(torch, str(s["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise FormatError(f"unknown input dtype {s['dtype']!r} in the file")
+        out.append(torch.zeros([int(v) for v in s["shape"]], dtype=dtype))
+    return tuple(out)
+
+
+def _selection_for(step: Mapping[str, Any], analysis: Any, state: Mapping[str, torch.Tensor], i: int):
+    """Rebuild the step's Selection: by group ids if the groups match, else from the per-tensor masks."""
+    from .ir import Selection
+
+    groups = analysis.groups
+    same = step.get("n_groups") == len(groups) and all(
+        0 <= g["id"] < len(groups) and groups[g["id"]].size == g["size"] and groups[g["id"]].root == g["root"]
+        for g in step["groups"])
+    if same:
+        return Selection.from_dict({g["id"]: g["keep"] for g in step["groups"]})
+    log.info("fxprune.load: step %d: group structure differs from the saved one, rebuilding from tensor masks", i)
+    from .ir import member_units
+
+    masks = step["params"]
+    keep: dict[int, list[int]] = {}
+    for g in groups:
+        for ps in g.params:  # the first tensor slice of the group whose saved mask is known decides
+            kept_idx = masks.get(ps.param, {}).get(str(ps.dim))
+            if kept_idx is None or ps.groups > 1 or ps.param not in state:
+                continue
+            kept = np.zeros(state[ps.param].shape[ps.dim], dtype=bool)
+            kept[kept_idx] = True
+            units = member_units(ps)
+            ok = [int(u) for r, u in enumerate(units) if kept[ps.span.positions([r])].all()]
+            if len(ok) < g.size:
+                keep[g.id] = ok
+            break
+    return Selection.from_dict(keep)
+
+
+def _check_masks(step: Mapping[str, Any], analysis: Any, selection: Any, state: Mapping[str, torch.Tensor],
+                 i: int) -> None:
+    try:
+        keep_of = analysis.keep_fn(selection)
+    except ConfigError as exc:
+        raise ArchitectureMismatchError(f"step {i}: the saved plan does not fit this model's channel groups: {exc}") from exc
+    want = step["params"]
+    for name, t in state.items():
+        for d in range(t.dim()):
+            k = keep_of(("p", name, d))
+            got = None if k is None else [int(j) for j in np.flatnonzero(k)]
+            exp = want.get(name, {}).get(str(d))
+            if got != exp:
+                raise ArchitectureMismatchError(
+                    f"step {i}: re-applying the plan to this model keeps different indices of '{name}' dim {d} than "
+                    "the saved model (the architecture or fxprune's rules differ from the ones it was saved with)")
+    unknown = sorted(set(want) - set(state))
+    if unknown:
+        raise ArchitectureMismatchError(f"step {i}: the plan prunes tensors this model does not have: {unknown[:5]}")
+
+
+def _prepare_like(prepare: Any, model: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_modules: Iterable[Any],
+                  rules: Any, frontend: str) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """Capture ``model`` with the front end the saved step was captured with."""
+    import inspect
+
+    if "frontend" in inspect.signature(prepare).parameters:
+        return prepare(model, inputs, leaf_modules, rules, frontend=frontend)
+    if frontend != "fx":
+        raise FormatError(f"this file was captured with the {frontend!r} front end, which this fxprune lacks")
+    return prepare(model, inputs, leaf_modules, rules)
+
+
+def _arch_diff(model: nn.Module, saved: Sequence[Sequence[Any]]) -> str:
+    mine = {k: list(v.shape) for k, v in model.state_dict().items()}
+    theirs = {str(k): list(v) for k, v in saved}
+    extra, missing = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    shape = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing[:3])}" + (" …" if len(missing) > 3 else ""))
+    if extra:
+        parts.append(f"unexpected {', '.join(extra[:3])}" + (" …" if len(extra) > 3 else ""))
+    parts += [f"{k} has shape {mine[k]}, saved {theirs[k]}" for k in shape[:3]]
+    return "; ".join(parts) or "tensor names/shapes differ"
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
+         leaf_modules: Iterable[Any] = (), check_graph: bool = True) -> fx.GraphModule:
+    """Re-apply the pruning plan in ``path`` to ``model`` (a fresh instance of the original architecture)
+    and load the saved weights; returns a new GraphModule. ``model`` itself is not modified.
+
+    ``rules`` / ``leaf_modules``: the same private rule table and extra leaf modules the model was compiled
+    with, if any. ``check_graph`` (default True): the traced forward must be the saved one op for op (a model
+    with the same tensors but different wiring is rejected); set False to load across torch/torchvision
+    versions whose tracing differs, the per-tensor plan check still applies. Raises :class:`FormatError` for a damaged file and :class:`ArchitectureMismatchError` if
+    ``model`` is not the saved architecture; nothing is returned in either case.
+    """
+    from .api import prepare
+    from .passes.group import analyze_graph
+    from .passes.rewrite import rewrite_graph
+    from .rules import RULES
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"load: model must be an nn.Module (a fresh instance of the original architecture), "
+                         f"got {type(model).__name__}")
+    body = read_file(path)
+    rules = rules or RULES
+    inputs = _example_inputs(body["inputs"])
+    if fingerprint(model) != body["arch"]:
+        raise ArchitectureMismatchError(f"load: {type(model).__name__} is not the architecture {path} was saved "
+                                        f"from: {_arch_diff(model, body.get('arch_tensors', []))}; build the same "
+                                        "architecture (same constructor arguments) and retry")
+    current: nn.Module = model
+    out: fx.GraphModule | None = None
+    for i, step in enumerate(body["steps"]):
+        try:
+            gm, _ = _prepare_like(prepare, current, inputs, leaf_modules, rules, step.get("frontend", "fx"))
+        except FxpruneError as exc:
+            exc.add_note(f"fxprune.load: while tracing step {i} with the saved example input shapes")
+            raise
+        if fingerprint(gm) != step["arch"]:
+            raise ArchitectureMismatchError(f"load: step {i}: the traced model's tensors differ from the saved plan's")
+        if check_graph and graph_fingerprint(gm) != step["graph"]:
+            raise ArchitectureMismatchError(
+                f"load: step {i}: the model's forward traces to a different graph than the saved model's (same "
+                "tensors, different computation); if only the torch version differs, pass check_graph=False")
+        opts = step["analysis"]
+        analysis = analyze_graph(gm, rules, opts["unknown_ops"], tuple(opts["ignore"]), bool(opts["allow_lossy"]))
+        state = gm.state_dict()
+        sel = _selection_for(step, analysis, state, i)
+        _check_masks(step, analysis, sel, state, i)
+        out = rewrite_graph(gm, analysis, sel, inputs, rules)
+        _add_params(out, step.get("added_params", []))
+        current = out
+    assert out is not None
+    sd = body["state_dict"]
+    have = out.state_dict()
+    bad = sorted(set(have) ^ set(sd)) + sorted(k for k in set(have) & set(sd) if have[k].shape != sd[k].shape)
+    if bad:
+        raise ArchitectureMismatchError(f"load: the rebuilt module's tensors do not match the saved weights: {bad[:5]}")
+    try:
+        out.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ArchitectureMismatchError(f"load: cannot load the saved weights: {exc}") from exc
+    out.train(bool(body["training"]))
+    return out
