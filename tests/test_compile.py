@@ -482,3 +482,33 @@ def test_lossy_norm_is_blocked_unless_allowed():
     assert res.module.get_submodule("0").out_channels == 4
     assert res.module.get_submodule("1").num_channels == 4
     assert any("skipped" in n for n in res.report.notes)
+
+
+def test_negative_index_into_split_output():
+    """Res2Net-style block: ``torch.split`` by an int size, the last piece read as ``spx[-1]``."""
+
+    class Res2(nn.Module):
+        def __init__(self, width=4, scale=4):
+            super().__init__()
+            self.width = width
+            self.conv1 = nn.Conv2d(3, width * scale, 1)
+            self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(scale - 1))
+            self.pool = nn.AvgPool2d(3, 1, 1)
+            self.conv3 = nn.Conv2d(width * scale, 5, 1)
+
+        def forward(self, x):
+            spx = torch.split(self.conv1(x), self.width, 1)
+            spo, sp = [], spx[0]
+            for i, conv in enumerate(self.convs):
+                sp = spx[i] if i == 0 else sp + spx[i]
+                sp = conv(sp)
+                spo.append(sp)
+            spo.append(self.pool(spx[-1]))
+            return self.conv3(torch.cat(spo, 1))
+
+    model = Res2().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for seed in range(3):
+        assert_prune_equivalent(model, (x,), seed=seed)
+    res = fxprune.compile(model, x, ratio=0.5, verify="equivalence")
+    assert res.module.get_submodule("conv3").in_channels < 16

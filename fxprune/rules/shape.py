@@ -435,6 +435,7 @@ class GetItemRule(Rule):
         tm = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
         if is_multi(tm):  # picking one output of a multi-output op
             if isinstance(idx, int) and rc.out_shape() is not None:
+                idx %= len(tm)  # spx[-1]: the axes are keyed by the item's position
                 for d in range(len(rc.out_shape())):
                     rc.tie(rc.act(src, d, idx), rc.out(d))
             return
