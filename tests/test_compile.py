@@ -512,3 +512,27 @@ def test_negative_index_into_split_output():
         assert_prune_equivalent(model, (x,), seed=seed)
     res = fxprune.compile(model, x, ratio=0.5, verify="equivalence")
     assert res.module.get_submodule("conv3").in_channels < 16
+
+
+def test_reshape_to_a_shape_computed_at_run_time_is_kept():
+    """``x.reshape(x.shape[:2] + (-1,))`` (timm MaxViT): no literal to patch, so those dims keep their size."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            z = y.reshape(y.shape[:2] + (-1,))
+            return self.fc(z.transpose(1, 2))
+
+    model = M().double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    res = fxprune.compile(model, x, ratio=0.5, verify="equivalence")
+    assert res.module.get_submodule("a").out_channels == 4  # the inner group is free
+    assert res.module.get_submodule("b").out_channels == 8  # feeds the run-time reshape: kept
+    assert any("computed at run time" in why for _, why in res.report.blocked)
+    assert res.module(x).shape == model(x).shape

@@ -8,6 +8,7 @@ since they are recomputed from the smaller tensors at run time.
 
 from __future__ import annotations
 
+from .. import meta
 from ..trace import is_multi
 
 import builtins
@@ -135,6 +136,13 @@ def _shape_args(node: fx.Node) -> tuple[int, Any]:
     return first, tuple(node.args[first:])
 
 
+def _whole_shape_node(node: fx.Node) -> bool:
+    """True when the whole size argument is one graph value (a tuple computed at run time)."""
+    _, sizes = _shape_args(node)
+    return (len(sizes) == 1 and isinstance(sizes[0], fx.Node) and sizes[0].meta.get("tensor_meta") is None
+            and not isinstance(meta.concrete_value(sizes[0]), int))
+
+
 def _set_shape_args(node: fx.Node, old: fx.Node, new_shape: tuple[int, ...]) -> None:
     start, sizes = _shape_args(node)  # the new node's args: same structure, nodes of the new graph
     patched = _patch_sizes(tuple(sizes), new_shape)
@@ -163,9 +171,14 @@ class ViewRule(Rule):
         for other in rc.tensor_args()[1:]:  # view_as / reshape_as read only the shape
             for ax in rc.all_dims(other):
                 rc.free(ax)
+        if self.patch and _whole_shape_node(node) and rc.out_shape() is not None:
+            # x.reshape(shape + (-1,)): the sizes are one tuple computed at run time, with no literal to
+            # patch; which of them are constants is unknown, so every dim keeps its size
+            for d in range(len(rc.out_shape())):
+                rc.pin(rc.out(d), f"{node.name}: target shape is computed at run time")
 
     def rewrite_node(self, node, old, rw: RewriteContext) -> None:
-        if self.patch:
+        if self.patch and not _whole_shape_node(old):
             _set_shape_args(node, old, rw.new_shape(old))
 
 
