@@ -45,7 +45,7 @@ from . import meta
 from .errors import ConfigError, FxpruneError, InputError, node_location
 from .ir import ChannelGroup, ParamSlice, member_units
 from .pipeline import Context, PassResult
-from .passes.importance import ImportancePass, normalize_scores
+from .passes.importance import ImportancePass, store_scores
 
 __all__ = [
     "calibration_batches",
@@ -629,22 +629,8 @@ class DataDrivenImportance(ImportancePass):
         analysis = meta.get(gm, "groups")
         groups = [g for g in analysis.groups if g.prunable]
         raw = self.compute(gm, ctx, groups) if groups else {}
-        out: dict[int, np.ndarray] = {}
-        skipped = 0
-        for g in groups:
-            s = raw.get(g.id)
-            if s is None:
-                skipped += 1
-                continue
-            s = np.asarray(s, dtype=np.float64)
-            if s.shape != (g.size,):
-                raise ValueError(f"{self.name}: scores for group {g.id} have shape {s.shape}, expected ({g.size},)")
-            if not np.isfinite(s).all():
-                raise ValueError(f"{self.name}: non-finite importance in group {g.id} ({g.root})")
-            out[g.id] = normalize_scores(s, getattr(self, "normalize", None))
-        meta.put(gm, "importance", out)
-        if skipped:
-            ctx.notes.append(f"{self.name}: {skipped} prunable groups have no score and are kept")
+        out, skipped = store_scores(gm, ctx, self.name, ((g, raw.get(g.id)) for g in groups),
+                                    getattr(self, "normalize", None))
         return PassResult(gm, False, {"scored": len(out), "skipped": skipped})
 
 

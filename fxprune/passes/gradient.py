@@ -59,7 +59,7 @@ from ..errors import ConfigError, InputError
 from ..ir import ChannelGroup, ChannelRef, member_units
 from ..pipeline import Context, PassResult
 from ..rules.base import _lookup_tensor
-from .importance import ImportancePass, normalize_scores, register_importance, slice_values
+from .importance import ImportancePass, normalize_scores, register_importance, slice_values, store_scores
 
 __all__ = ["TaylorImportance", "HessianImportance", "calib_batches", "LOSSES"]
 
@@ -340,22 +340,8 @@ class _GradientImportance(ImportancePass):
         if ctx.calib is None:
             next(calib_batches(None, (), labels=self._labelled, owner=type(self).__name__))
         raw, stats = self._compute(gm, groups, ctx) if groups else ({}, {"batches": 0, "samples": 0})
-        out: dict[int, np.ndarray] = {}
-        skipped = 0
-        for g in groups:
-            s = raw.get(g.id)
-            if s is None:
-                skipped += 1
-                continue
-            s = np.asarray(s, dtype=np.float64)
-            if s.shape != (g.size,):
-                raise ValueError(f"{self.name}: scores for group {g.id} have shape {s.shape}, expected ({g.size},)")
-            if not np.isfinite(s).all():
-                raise InputError(f"{self.name}: non-finite importance in group {g.id} ({g.root})")
-            out[g.id] = normalize_scores(s, self.normalize)
-        meta.put(gm, "importance", out)
-        if skipped:
-            ctx.notes.append(f"{self.name}: {skipped} prunable groups have no score and are kept")
+        out, skipped = store_scores(gm, ctx, self.name, ((g, raw.get(g.id)) for g in groups), self.normalize,
+                                    nonfinite=InputError)
         log.debug("%s: %d groups scored over %s", self.name, len(out), stats)
         return PassResult(gm, False, {"scored": len(out), "skipped": skipped, **stats})
 

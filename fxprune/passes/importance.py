@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "RandomImportance",
     "slice_values",
     "normalize_scores",
+    "store_scores",
     "IMPORTANCE",
     "register_importance",
 ]
@@ -78,6 +79,31 @@ def normalize_scores(s: np.ndarray, how: str | None) -> np.ndarray:
     return s / d if d > 0 else s
 
 
+def store_scores(gm: fx.GraphModule, ctx: Context, name: str,
+                 scored: Iterable[tuple[ChannelGroup, Any]], normalize: str | None,
+                 nonfinite: type[Exception] = ValueError) -> tuple[dict[int, np.ndarray], int]:
+    """Check, normalise and write ``importance`` for ``(group, scores or None)`` pairs; note the unscored.
+
+    Returns (scores per group id, number of groups without a score). ``nonfinite`` is the error type
+    raised for NaN/Inf scores (data-driven criteria report them as bad input)."""
+    out: dict[int, np.ndarray] = {}
+    skipped = 0
+    for g, s in scored:
+        if s is None:
+            skipped += 1
+            continue
+        s = np.asarray(s, dtype=np.float64)
+        if s.shape != (g.size,):
+            raise ValueError(f"{name}: scores for group {g.id} have shape {s.shape}, expected ({g.size},)")
+        if not np.isfinite(s).all():
+            raise nonfinite(f"{name}: non-finite importance in group {g.id} ({g.root})")
+        out[g.id] = normalize_scores(s, normalize)
+    meta.put(gm, "importance", out)
+    if skipped:
+        ctx.notes.append(f"{name}: {skipped} prunable groups have no score and are kept")
+    return out, skipped
+
+
 class ImportancePass(Pass):
     """Base: subclasses implement :meth:`scores` for one group (None = no opinion → group kept)."""
 
@@ -91,7 +117,6 @@ class ImportancePass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         analysis = meta.get(gm, "groups")
-        out: dict[int, np.ndarray] = {}
         cache: dict[str, torch.Tensor] = {}
 
         def tensor(name: str) -> torch.Tensor:
@@ -99,23 +124,9 @@ class ImportancePass(Pass):
                 cache[name] = _lookup_tensor(gm, name)[0].detach()
             return cache[name]
 
-        skipped = 0
-        for g in analysis.groups:
-            if not g.prunable:
-                continue
-            s = self.scores(g, tensor, ctx)
-            if s is None:
-                skipped += 1
-                continue
-            s = np.asarray(s, dtype=np.float64)
-            if s.shape != (g.size,):
-                raise ValueError(f"{self.name}: scores for group {g.id} have shape {s.shape}, expected ({g.size},)")
-            if not np.isfinite(s).all():
-                raise ValueError(f"{self.name}: non-finite importance in group {g.id} ({g.root})")
-            out[g.id] = normalize_scores(s, self.normalize)
-        meta.put(gm, "importance", out)
-        if skipped:
-            ctx.notes.append(f"{self.name}: {skipped} prunable groups have no score and are kept")
+        groups = [g for g in analysis.groups if g.prunable]
+        out, skipped = store_scores(gm, ctx, self.name, ((g, self.scores(g, tensor, ctx)) for g in groups),
+                                    self.normalize)
         return PassResult(gm, False, {"scored": len(out), "skipped": skipped})
 
 
