@@ -37,6 +37,7 @@ from ..ir import Constraint
 from .base import RULES, Rule, RuleContext, RewriteContext
 from .elementwise import Broadcast, Unary
 from .shape import PermuteRule, SplitRule, UnflattenRule, ExpandRule, tie_reshape, _patch_sizes
+from .reduce import tie_reduction
 
 __all__ = ["bind", "aten_overloads", "AtenConv", "AtenLinear", "AtenEmbedding", "AtenBatchNorm", "AtenGroupNorm",
            "AtenReduce", "AtenPermute", "AtenSplit", "AtenSlice", "AtenSelect", "AtenExpand", "AtenUnflatten",
@@ -505,17 +506,7 @@ class AtenReduce(Rule):
             oshape = rc.out_shape(index)
             if oshape is None:
                 continue
-            keep = len(oshape) == nd and nd > 0
-            j = 0
-            for d in range(nd):
-                if d in red:
-                    rc.pin(rc.act(x, d), f"reduced over by {node.name}")
-                    if keep:
-                        rc.free(rc.out(j, index))
-                        j += 1
-                    continue
-                rc.tie(rc.act(x, d), rc.out(j, index))
-                j += 1
+            tie_reduction(rc, node, x, nd, red, len(oshape) == nd and nd > 0, index)
 
 
 def _aten_perm(node: fx.Node, nd: int) -> list[int]:
@@ -550,11 +541,7 @@ class AtenPermute(PermuteRule):
     name = "aten.permute"
     example = staticmethod(_ex_shape)
 
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = node.args[0]
-        nd = len(rc.shape(x))
-        for i, d in enumerate(_aten_perm(node, nd)):
-            rc.tie(rc.act(x, d), rc.out(i))
+    perm = staticmethod(_aten_perm)
 
 
 class AtenSplit(SplitRule):

@@ -7,11 +7,14 @@ as ``x.mean((2, 3))`` keeps its channels prunable).
 
 from __future__ import annotations
 
-from ..trace import is_multi
+from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from ..trace import is_multi
 
 from .base import RULES, Rule, RuleContext
 from .examples import ex_reduce, ex_softmax
@@ -25,6 +28,21 @@ def _dims(dim, nd: int) -> list[int]:
     if isinstance(dim, int):
         return [dim % nd]
     return sorted(d % nd for d in dim)
+
+
+def tie_reduction(rc: RuleContext, node: fx.Node, x: fx.Node, nd: int, red: Any, keep: bool,
+                  index: int | None = None) -> None:
+    """Reduced dims are pinned (a size-1 kept dim is free); the others pass through to output ``index``."""
+    j = 0
+    for d in range(nd):
+        if d in red:
+            rc.pin(rc.act(x, d), f"reduced over by {node.name}")
+            if keep:
+                rc.free(rc.out(j, index))
+                j += 1
+            continue
+        rc.tie(rc.act(x, d), rc.out(j, index))
+        j += 1
 
 
 class ReduceRule(Rule):
@@ -46,16 +64,7 @@ class ReduceRule(Rule):
         tm = node.meta.get("tensor_meta")
         outs = [None] if not is_multi(tm) else list(range(len(tm)))  # max(dim) -> (values, indices)
         for index in outs:
-            j = 0
-            for d in range(nd):
-                if d in red:
-                    rc.pin(rc.act(x, d), f"reduced over by {node.name}")
-                    if keep:
-                        rc.free(rc.out(j, index))
-                        j += 1
-                    continue
-                rc.tie(rc.act(x, d), rc.out(j, index))
-                j += 1
+            tie_reduction(rc, node, x, nd, red, keep, index)
 
 
 class DimwiseRule(Rule):

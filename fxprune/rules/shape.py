@@ -281,10 +281,15 @@ class PermuteRule(Rule):
     name = "permute"
     example = staticmethod(ex_permute)
 
+    @staticmethod
+    def perm(node: fx.Node, nd: int) -> list[int]:
+        """Output dim i is input dim ``perm[i]`` (front ends with other argument layouts override this)."""
+        return _perm(node, nd)
+
     def analyze(self, node, rc: RuleContext) -> None:
         x = rc.arg(0, "input")
         nd = len(rc.shape(x))
-        for i, d in enumerate(_perm(node, nd)):
+        for i, d in enumerate(self.perm(node, nd)):
             rc.tie(rc.act(x, d), rc.out(i))
 
 
