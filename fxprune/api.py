@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import meta
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, TraceError
 from .flops import count_cost
 from .ir import ChannelGroup, Selection
 from .passes import GroupChannels, ImportancePass, Rewrite, Select, Verify
@@ -117,9 +117,13 @@ class CompileResult:
     selection: Selection
     pipeline: Pipeline
     context: Context
+    #: hierarchical front end only: the compile result of each pruned region, by its path in the model
+    regions: dict[str, "CompileResult"] = field(default_factory=dict)
 
     @property
     def groups(self) -> tuple[ChannelGroup, ...]:
+        if self.regions:
+            return tuple(g for r in self.regions.values() for g in r.groups)
         return self.analysis.groups if self.analysis is not None else ()
 
 
@@ -266,8 +270,12 @@ def compile(
 
     ``verify``: ``"shapes"`` (default) checks output shapes; ``"equivalence"`` (or True) also checks the
     result against the masked reference in float64; ``False``/``"none"`` skips verification.
-    ``frontend``: ``"auto"`` (default: symbolic tracing, falling back to torch.export when tracing fails),
-    ``"fx"`` or ``"export"``; see :mod:`fxprune.export` for the form the result takes on each path.
+    ``frontend``: ``"auto"`` (default: symbolic tracing, falling back to torch.export when tracing fails,
+    and to pruning the capturable submodules when both fail), ``"whole"`` (no submodule fallback), ``"fx"``,
+    ``"export"`` or ``"hierarchical"``; see :mod:`fxprune.export` and :mod:`fxprune.hierarchical` for the
+    form the result takes on each path. ``example_inputs`` may hold lists, tuples and dicts of tensors (e.g.
+    ``([image1, image2],)`` for a detector): they are flattened for capture and the result takes them
+    structured.
     ``calib``: an iterable of input batches (a tensor or a tuple per batch) for data-driven passes, in
     ``Context.calib``. ``reconstruct``: a post-pass (name or pass object) run after the rewrite with the
     original and the pruned module side by side.
@@ -278,11 +286,18 @@ def compile(
     all-zero filter) has that constant folded into its consumers' biases, so removing it is exact
     (see :mod:`fxprune.passes.absorb`); it changes nothing for any other channel.
     """
+    opts = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "frontend")}  # for regions
     t0 = time.perf_counter()
     rules = rules or RULES
     # -- validate everything before any work --------------------------------------------------------
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
+    from .export import FRONTENDS
+
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
+    if frontend == "hierarchical" or _structured_args(example_inputs):
+        return _compile_structured(model, example_inputs, frontend, opts)
     inputs = normalize_inputs(example_inputs)
     ignore = _check_ignore(model, ignore)
     if verify is True:
@@ -319,7 +334,12 @@ def compile(
     pipe.check()
     _check_calib(pipe, calib)
     # -- work ---------------------------------------------------------------------------------------
-    gm, inputs, capture_note = _prepare(model, inputs, leaf_modules, rules, frontend)
+    try:
+        gm, inputs, capture_note = _prepare(model, inputs, leaf_modules, rules, frontend)
+    except TraceError as exc:  # neither front end captures the whole model: prune what can be captured
+        if frontend != "auto":
+            raise
+        return _compile_structured(model, example_inputs, "hierarchical", opts, why=exc)
     ctx = Context(model=model, example_inputs=inputs, original=gm, calib=calib, seed=seed)
     ctx.extras["pipeline"] = pipe  # lets a criterion see the downstream Select (e.g. LASSO's exact count)
     if capture_note:
@@ -337,6 +357,41 @@ def compile(
     selection = ctx.extras.get("selection") or Selection()
     report = _report(gm, out, before, after, analysis, selection, ctx, time.perf_counter() - t0)
     return CompileResult(out, report, gm, analysis, selection, pipe, ctx)
+
+
+def _structured_args(example_inputs: Any) -> bool:
+    """Whether the example arguments hold containers (a list of images, a dict of features...)."""
+    if not isinstance(example_inputs, (tuple, list)):
+        return False
+    return any(isinstance(x, (tuple, list, dict)) for x in example_inputs)
+
+
+def _compile_structured(model: nn.Module, example_inputs: Any, frontend: str, opts: dict[str, Any],
+                        why: Exception | None = None) -> CompileResult:
+    """Arguments with containers are flattened for capture and the result takes them structured again;
+    ``frontend="hierarchical"`` (or ``"auto"`` when whole-model capture fails) prunes capturable regions."""
+    from torch.utils import _pytree as pytree
+
+    from .hierarchical import _flat_view, _structured, compile_hierarchical
+
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    leaves, spec = pytree.tree_flatten((args, {}))
+    bad = [type(x).__name__ for x in leaves if not isinstance(x, torch.Tensor)]
+    if bad or not leaves:
+        raise InputError(f"example_inputs may hold tensors in tuples, lists and dicts only; found {', '.join(bad) or 'no tensor'}")
+    if frontend == "hierarchical":
+        return compile_hierarchical(model, args, opts, why=why)
+    structured = _structured_args(args)
+    target = _flat_view(model, spec, len(leaves)) if structured else model
+    try:
+        res = compile(target, tuple(leaves), frontend="whole" if frontend == "auto" else frontend, **opts)
+    except TraceError as exc:
+        if frontend != "auto":
+            raise
+        return compile_hierarchical(model, args, opts, why=exc)
+    if structured:
+        res.module = _structured(res.module, spec, "")
+    return res
 
 
 def _main_weight(m: nn.Module) -> tuple[int, ...]:

@@ -22,8 +22,12 @@ the model's **eval-mode** computation: dropout is absent and batch norm uses its
 both modes, and tensors the model created at run time (``torch.zeros(...)``, ``arange``) are placed on the
 device used at capture time.
 
-``frontend="auto"`` (the default) tries symbolic tracing first and falls back to export when tracing
-fails; if both fail, one :class:`~fxprune.errors.TraceError` explains both failures.
+``frontend="whole"`` tries symbolic tracing first and falls back to export when tracing fails; if both
+fail, one :class:`~fxprune.errors.TraceError` explains both failures. ``frontend="auto"`` (the default)
+does the same and, when both fail, prunes the submodules that can be captured
+(``frontend="hierarchical"``, :mod:`fxprune.hierarchical`): the result is then a copy of the user's model
+(its own class and ``forward``) with those submodules replaced by pruned GraphModules; the TraceError
+explaining both failures is raised only when no submodule can be captured either.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ __all__ = ["FRONTENDS", "export_graph", "capture"]
 
 log = logging.getLogger(__name__)
 
-FRONTENDS = ("auto", "fx", "export")
+#: "whole" = the whole model as one graph (fx, else export); "auto" also falls back to the hierarchical front end
+FRONTENDS = ("auto", "whole", "fx", "export", "hierarchical")
 
 #: node.meta entries kept from the exported graph (the others hold fake tensors and export bookkeeping)
 _KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
@@ -70,7 +75,7 @@ def _emittable(spec: pytree.TreeSpec) -> bool:
         return True
     if spec.type not in (tuple, list, dict):
         return False
-    return all(_emittable(c) for c in spec.children_specs)
+    return all(_emittable(spec.child(i)) for i in range(spec.num_children))
 
 
 def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str | None = None) -> fx.GraphModule:
@@ -123,8 +128,10 @@ def capture(
         raise ConfigError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
     if frontend == "fx":
         return trace(model, is_rule_leaf, leaf_modules), "fx", ""
+    if frontend == "hierarchical":
+        raise ConfigError("the hierarchical front end is used through fxprune.compile, not capture()")
     fx_error: TraceError | None = None
-    if frontend == "auto":
+    if frontend in ("auto", "whole"):
         try:
             return trace(model, is_rule_leaf, leaf_modules), "fx", ""
         except TraceError as exc:

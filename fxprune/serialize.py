@@ -20,6 +20,10 @@ Contents (``version`` 1)::
      "arch": fingerprint of the original model, "arch_tensors": [[name, shape], ...], "training": bool, "meta": user data,
      "state_dict": {name: tensor}, "checksum": sha256 over everything above}
 
+A result of the hierarchical front end (:mod:`fxprune.hierarchical`) has ``"regions": [{"path", "spec"
+(the call structure, ``torch.utils._pytree.treespec_dumps``, or None for plain tensor calls), "inputs",
+"steps"}, ...]`` instead of top-level ``inputs``/``steps``; ``state_dict`` is the whole model's.
+
 :func:`load` traces a fresh instance of the original architecture, re-runs the channel analysis,
 rebuilds each step's selection from the plan (by group; if the group ids differ, from the per-tensor
 masks), checks that the rebuilt plan removes exactly the saved indices of every tensor, rewrites, and
@@ -56,6 +60,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 import torch.fx as fx
 from torch import nn
 
@@ -229,6 +234,11 @@ def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None
     results = list(result) if isinstance(result, (list, tuple)) else [result]
     if not results:
         raise ConfigError("save: nothing to save (empty list of results)")
+    if any(getattr(r, "regions", None) for r in results):
+        if len(results) > 1:
+            raise ConfigError("save: iterative steps over a hierarchical result are not supported; save the last "
+                              "result's module with torch.save(result.module)")
+        return _write(path, _hierarchical_body(results[0], meta))
     for i, r in enumerate(results):
         if not hasattr(r, "module") or not hasattr(r, "selection") or not hasattr(r, "original"):
             raise ConfigError(f"save: item {i} is a {type(r).__name__}, expected a CompileResult from fxprune.compile")
@@ -253,6 +263,34 @@ def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None
         "meta": _plain(dict(meta or {}), "save(meta=)"),
         "state_dict": {k: v.detach().cpu().clone() for k, v in last.state_dict().items()},
     }
+    _write(path, body)
+
+
+def _hierarchical_body(result: Any, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A hierarchical result (:mod:`fxprune.hierarchical`): one single-step plan per region, by path."""
+    regions = []
+    for region_path, r in result.regions.items():
+        step = _step(r)
+        step["added_params"] = _replay_check([r])[0]
+        spec = getattr(result.module.get_submodule(region_path), "fxprune_in_spec", None)
+        regions.append({"path": region_path, "spec": None if spec is None else pytree.treespec_dumps(spec),
+                        "inputs": _input_specs(r.context.example_inputs), "steps": [step]})
+    model = result.context.model
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch": torch.__version__.split("+")[0],
+        "fxprune": _version(),
+        "arch": fingerprint(model),
+        "arch_tensors": [[k, list(v.shape)] for k, v in model.state_dict().items()],
+        "training": bool(result.module.training),
+        "regions": regions,
+        "meta": _plain(dict(meta or {}), "save(meta=)"),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in result.module.state_dict().items()},
+    }
+
+
+def _write(path: str | os.PathLike, body: dict[str, Any]) -> None:
     body["checksum"] = _checksum(body)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +390,8 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
         raise FormatError(f"{path} is not an fxprune model file (no 'format': 'fxprune' header)")
     if body.get("version") != VERSION:
         raise FormatError(f"{path} has format version {body.get('version')!r}; this fxprune reads version {VERSION}")
-    need = ("inputs", "arch", "arch_tensors", "steps", "state_dict", "checksum", "training", "meta")
+    need = ("arch", "arch_tensors", "state_dict", "checksum", "training", "meta")
+    need += ("regions",) if "regions" in body else ("inputs", "steps")  # hierarchical: one plan per region
     missing = [k for k in need if k not in body]
     if missing:
         raise FormatError(f"{path} is incomplete: missing {', '.join(missing)}")
@@ -452,9 +491,10 @@ def _arch_diff(model: nn.Module, saved: Sequence[Sequence[Any]]) -> str:
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
-         leaf_modules: Iterable[Any] = (), check_graph: bool = True) -> fx.GraphModule:
+         leaf_modules: Iterable[Any] = (), check_graph: bool = True) -> nn.Module:
     """Re-apply the pruning plan in ``path`` to ``model`` (a fresh instance of the original architecture)
-    and load the saved weights; returns a new GraphModule. ``model`` itself is not modified.
+    and load the saved weights; returns a new GraphModule (for a result of the hierarchical front end: a copy
+    of ``model`` with its pruned regions rebuilt). ``model`` itself is not modified.
 
     ``rules`` / ``leaf_modules``: the same private rule table and extra leaf modules the model was compiled
     with, if any. ``check_graph`` (default True): the traced forward must be the saved one op for op (a model
@@ -462,9 +502,6 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
     versions whose tracing differs, the per-tensor plan check still applies. Raises :class:`FormatError` for a damaged file and :class:`ArchitectureMismatchError` if
     ``model`` is not the saved architecture; nothing is returned in either case.
     """
-    from .api import prepare
-    from .passes.group import analyze_graph
-    from .passes.rewrite import rewrite_graph
     from .rules import RULES
 
     if not isinstance(model, nn.Module):
@@ -472,14 +509,37 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
                          f"got {type(model).__name__}")
     body = read_file(path)
     rules = rules or RULES
-    inputs = _example_inputs(body["inputs"])
     if fingerprint(model) != body["arch"]:
         raise ArchitectureMismatchError(f"load: {type(model).__name__} is not the architecture {path} was saved "
                                         f"from: {_arch_diff(model, body.get('arch_tensors', []))}; build the same "
                                         "architecture (same constructor arguments) and retry")
+    if "regions" in body:
+        out: nn.Module = _load_regions(body, model, rules, leaf_modules, check_graph)
+    else:
+        out = _replay(body["steps"], model, _example_inputs(body["inputs"]), rules, leaf_modules, check_graph)
+    sd = body["state_dict"]
+    have = out.state_dict()
+    bad = sorted(set(have) ^ set(sd)) + sorted(k for k in set(have) & set(sd) if have[k].shape != sd[k].shape)
+    if bad:
+        raise ArchitectureMismatchError(f"load: the rebuilt module's tensors do not match the saved weights: {bad[:5]}")
+    try:
+        out.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ArchitectureMismatchError(f"load: cannot load the saved weights: {exc}") from exc
+    out.train(bool(body["training"]))
+    return out
+
+
+def _replay(steps: Sequence[Mapping[str, Any]], model: nn.Module, inputs: tuple[torch.Tensor, ...], rules: Any,
+            leaf_modules: Iterable[Any], check_graph: bool) -> fx.GraphModule:
+    """Capture ``model`` and re-apply each saved step's plan (weights are loaded by the caller)."""
+    from .api import prepare
+    from .passes.group import analyze_graph
+    from .passes.rewrite import rewrite_graph
+
     current: nn.Module = model
     out: fx.GraphModule | None = None
-    for i, step in enumerate(body["steps"]):
+    for i, step in enumerate(steps):
         try:
             gm, _ = _prepare_like(prepare, current, inputs, leaf_modules, rules, step.get("frontend", "fx"))
         except FxpruneError as exc:
@@ -500,14 +560,33 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
         _add_params(out, step.get("added_params", []))
         current = out
     assert out is not None
-    sd = body["state_dict"]
-    have = out.state_dict()
-    bad = sorted(set(have) ^ set(sd)) + sorted(k for k in set(have) & set(sd) if have[k].shape != sd[k].shape)
-    if bad:
-        raise ArchitectureMismatchError(f"load: the rebuilt module's tensors do not match the saved weights: {bad[:5]}")
-    try:
-        out.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ArchitectureMismatchError(f"load: cannot load the saved weights: {exc}") from exc
-    out.train(bool(body["training"]))
+    return out
+
+
+def _load_regions(body: Mapping[str, Any], model: nn.Module, rules: Any, leaf_modules: Iterable[Any],
+                  check_graph: bool) -> nn.Module:
+    """Rebuild a hierarchical result: a copy of ``model`` with each saved region re-pruned in place."""
+    from .hierarchical import _carry_attributes, _flat_view, _structured
+    from .trace import copy_model
+
+    out = copy_model(model)
+    for region in body["regions"]:
+        path = str(region["path"])
+        try:
+            mod = out.get_submodule(path)
+        except AttributeError as exc:
+            raise ArchitectureMismatchError(f"load: the model has no submodule {path!r} (a saved region)") from exc
+        inputs = _example_inputs(region["inputs"])
+        spec = pytree.treespec_loads(region["spec"]) if region["spec"] is not None else None
+        target = mod if spec is None else _flat_view(mod, spec, len(inputs))
+        try:
+            new: nn.Module = _replay(region["steps"], target, inputs, rules, leaf_modules, check_graph)
+        except FxpruneError as exc:
+            exc.add_note(f"fxprune.load: in region {path!r}")
+            raise
+        if spec is not None:
+            new = _structured(new, spec, path)
+        _carry_attributes(mod, new)
+        parent, _, attr = path.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, attr, new)
     return out

@@ -1,0 +1,346 @@
+"""The hierarchical front end: prune the parts of a model that can be captured when the whole cannot.
+
+Some models can be captured by neither symbolic tracing nor torch.export as one graph: a torchvision
+detector resizes a *list* of images of different sizes, keeps a variable number of boxes per image after
+non-maximum suppression and branches on ``self.training``. Their parameters nevertheless sit in a few
+submodules that capture well (the backbone with its FPN, the RPN head, the box and mask heads). This
+module finds them and prunes each as its own **region**:
+
+1. the example inputs are run once through a private copy of the model with hooks recording, for every
+   submodule with parameters, the arguments it was called with (its first call) and how often it ran;
+2. from the root down, a module is a region if :func:`fxprune.compile` can capture it on its recorded
+   arguments (torch.fx, else torch.export). Arguments that are lists, tuples or dicts of tensors (an FPN's
+   feature dict, a head's list of levels) are flattened for capture, and the pruned region accepts the
+   original structure again. A module that cannot be captured (or is called with anything but tensors,
+   e.g. an ``ImageList`` or image sizes) is not a region: its children are tried instead;
+3. each region is compiled with the caller's options. Its inputs and outputs are the region's
+   **interface and are never pruned**, so everything the uncaptured code between regions relies on (the
+   channel count the RPN head expects from the FPN, the number of classes and box coordinates a head emits,
+   ``backbone.out_channels``) stays intact: head output contracts hold by construction;
+4. the result is a deep copy of the user's model (its own class, its own ``forward``) with each region
+   replaced by its pruned module (a GraphModule; plain attributes of the replaced module such as
+   ``out_channels`` are carried over). Parameter names are unchanged.
+
+What is lost against whole-model capture: channels coupled *across* a region boundary are kept (e.g. the
+FPN's 256 output channels that feed the RPN and box heads), and selection (``global_ranking``,
+``target_macs``) is made per region. Each region is verified on its own (``verify="equivalence"`` checks
+each against its masked reference in float64); the assembled model is checked to return outputs of the
+same structure, dtypes and trailing dims as the original on the example inputs (leading dims may differ
+where the model's output size depends on data, e.g. the number of detections).
+
+Use it with ``compile(..., frontend="hierarchical")`` or let ``frontend="auto"`` fall back to it when
+both whole-model front ends fail. Data-driven criteria (``calib=``) and ``sequential=True`` are not
+supported on this path yet (a :class:`~fxprune.errors.ConfigError` says so).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import ConfigError, FxpruneError, InputError, TraceError, VerificationError
+
+__all__ = ["Region", "find_calls", "compile_hierarchical", "StructuredGraphModule"]
+
+log = logging.getLogger(__name__)
+
+_PLAIN_SKIP = {"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+
+
+@dataclass(frozen=True)
+class Call:
+    """How a submodule was called on the example inputs: flattened tensor leaves, their structure, count."""
+
+    leaves: tuple[Any, ...]
+    spec: pytree.TreeSpec
+    count: int
+    same_structure: bool  # every call had the structure of the first
+
+    @property
+    def plain(self) -> bool:
+        """Called as ``m(t1, t2, ...)`` with tensors only (no containers, no keywords)."""
+        args_spec, kwargs_spec = self.spec.child(0), self.spec.child(1)
+        return kwargs_spec.num_children == 0 and all(args_spec.child(i).is_leaf() for i in range(args_spec.num_children))
+
+    @property
+    def tensors_only(self) -> bool:
+        return len(self.leaves) > 0 and all(isinstance(x, torch.Tensor) for x in self.leaves)
+
+
+@dataclass
+class Region:
+    """One captured submodule: where it is, how it was called, and its compile result."""
+
+    path: str
+    call: Call
+    result: Any  # CompileResult
+
+
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def find_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, Call]:
+    """Run ``model`` (a private copy) once, recording each parameterised submodule's first call."""
+    first: dict[str, tuple[list[Any], pytree.TreeSpec]] = {}
+    counts: dict[str, int] = {}
+    same: dict[str, bool] = {}
+    handles = []
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+            counts[name] = counts.get(name, 0) + 1
+            if name not in first:
+                first[name] = ([x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+                same[name] = True
+            elif spec != first[name][1]:
+                same[name] = False
+
+        return hook
+
+    for name, m in model.named_modules():
+        if name and _has_params(m):
+            handles.append(m.register_forward_pre_hook(hook_for(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        raise InputError(f"the model fails to run on the example inputs: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: Call(tuple(lv), spec, counts[n], same[n]) for n, (lv, spec) in first.items()}
+
+
+def _flat_view(module: nn.Module, spec: pytree.TreeSpec, n: int) -> nn.Module:
+    """A shallow view of ``module`` whose ``forward`` takes the ``n`` flattened tensor leaves of ``spec``.
+
+    It shares the module's children and parameters (so names are unchanged) and is only traced, never run
+    by the user."""
+    cls = type(module)
+    names = [f"leaf{i}" for i in range(n)]
+    src = (f"def forward(self, {', '.join(names)}):\n"
+           f"    args, kwargs = _unflatten([{', '.join(names)}], _spec)\n"
+           f"    return _forward(self, *args, **kwargs)\n")
+    scope: dict[str, Any] = {"_unflatten": pytree.tree_unflatten, "_spec": spec, "_forward": cls.forward}
+    exec(compile(src, f"<fxprune flattened call of {cls.__name__}>", "exec"), scope)  # noqa: S102
+    view_cls = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
+    view = copy.copy(module)
+    view.__class__ = view_cls
+    return view
+
+
+class StructuredGraphModule(fx.GraphModule):
+    """A GraphModule over flattened tensor leaves that is called with the original argument structure.
+
+    ``m(features_dict)`` flattens the arguments with the structure recorded at capture time and runs the
+    graph on the leaves; a call with another structure is an :class:`~fxprune.errors.InputError`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.fxprune_in_spec:
+            raise InputError(f"{self.fxprune_region or 'region'} was pruned for calls structured as "
+                             f"{self.fxprune_in_spec}, got {spec}")
+        return super().__call__(*leaves)
+
+    def __reduce__(self) -> Any:
+        fn, args = super().__reduce__()  # a plain GraphModule holding our attributes; rebuilt as this class
+        return (_rebuild_structured, (fn, args))
+
+
+def _rebuild_structured(fn: Callable[..., fx.GraphModule], args: tuple) -> StructuredGraphModule:
+    gm = fn(*args)
+    body = args[0] if args and isinstance(args[0], dict) else {}
+    for k, v in dict(body.get("meta", {}).get(_PRESERVED, {})).items():  # GraphModule() drops the meta
+        _preserve(gm, k, v)
+    return _structured(gm, gm.fxprune_in_spec, gm.fxprune_region)
+
+
+_PRESERVED = "_user_preserved_attributes"  # torch.fx keeps these attributes through deepcopy
+
+
+def _preserve(gm: fx.GraphModule, name: str, value: Any) -> None:
+    gm.meta.setdefault(_PRESERVED, {})[name] = value
+    setattr(gm, name, value)
+
+
+def _structured(gm: fx.GraphModule, spec: pytree.TreeSpec, region: str) -> StructuredGraphModule:
+    new = StructuredGraphModule(gm, gm.graph, type(gm).__name__)
+    new.meta.update(gm.meta)
+    for k, v in dict(gm.meta.get(_PRESERVED, {})).items():
+        _preserve(new, k, v)
+    _preserve(new, "fxprune_in_spec", spec)
+    _preserve(new, "fxprune_region", region)
+    new.train(gm.training)
+    return new
+
+
+def _carry_attributes(src: nn.Module, dst: nn.Module) -> None:
+    """Plain attributes of the replaced module (``out_channels``, ``num_classes``...) stay readable."""
+    for k, v in vars(src).items():
+        if k in _PLAIN_SKIP or k.startswith("_") or hasattr(dst, k):
+            continue
+        if isinstance(v, (int, float, str, bool, tuple, type(None))):
+            if isinstance(dst, fx.GraphModule):
+                _preserve(dst, k, v)
+            else:
+                setattr(dst, k, v)
+
+
+def _relative(names: Any, prefix: str) -> Any:
+    p = prefix + "."
+    return tuple(n[len(p):] for n in names if n.startswith(p))
+
+
+def _trailing(x: Any) -> tuple[Any, ...]:
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, x.dim(), tuple(x.shape[1:]))
+    return (type(x).__name__,)
+
+
+def check_contract(original: nn.Module, pruned: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The assembled model returns outputs of the original's structure, dtypes and trailing dims."""
+    with torch.no_grad():
+        a, b = original(*inputs), pruned(*inputs)
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if sa != sb:
+        raise VerificationError(f"the pruned model's output structure changed: {sa} -> {sb}")
+    bad = [(i, _trailing(x), _trailing(y)) for i, (x, y) in enumerate(zip(la, lb)) if _trailing(x) != _trailing(y)]
+    if bad:
+        i, x, y = bad[0]
+        raise VerificationError(f"the pruned model's output {i} changed its dtype, rank or trailing dims: {x} -> {y}")
+
+
+def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
+                         why: TraceError | None = None) -> Any:
+    """Compile each capturable region of ``model`` with ``options`` (the keywords of :func:`fxprune.compile`)."""
+    from . import api
+    from .ir import Selection
+    from .pipeline import Context, Pipeline
+    from .trace import copy_model
+
+    t0 = time.perf_counter()
+    if options.get("calib") is not None or options.get("sequential"):
+        raise ConfigError("the hierarchical front end (used because the whole model cannot be captured) does not "
+                          "support calib= / sequential=True yet; prune a capturable submodule directly instead"
+                          + (f"\nwhole-model capture failed: {why}" if why else ""))
+    work = copy_model(model).eval()
+    calls = find_calls(work, inputs)
+    regions: list[Region] = []
+    skipped: list[str] = []
+    captured: list[str] = []
+    rules = options.get("rules") or api.RULES
+
+    def visit(path: str, mod: nn.Module) -> None:
+        if not _has_params(mod):
+            return
+        call = calls.get(path)
+        children = list(mod.named_children())
+        if call is None:
+            skipped.append(f"{path}: never called on the example inputs")
+            return
+        if not children and rules.has_module_rule(mod):
+            return  # a single layer: its input and output are the interface, nothing inside to prune
+        reason = ""
+        if not call.tensors_only:
+            kinds = sorted({type(x).__name__ for x in call.leaves if not isinstance(x, torch.Tensor)})
+            reason = f"called with non-tensor arguments ({', '.join(kinds) or 'none'})"
+        elif not call.same_structure:
+            reason = "called with differently structured arguments"
+        if not reason:
+            target = mod if call.plain else _flat_view(mod, call.spec, len(call.leaves))
+            opts = dict(options)
+            opts["ignore"] = _relative(options.get("ignore", ()), path)
+            opts["ratios"] = {k[len(path) + 1:]: v for k, v in (options.get("ratios") or {}).items()
+                              if k.startswith(path + ".")}
+            if not (opts.get("ratio") is not None or opts.get("threshold") is not None
+                    or opts.get("target_macs") is not None or opts["ratios"] or opts.get("pipeline") is not None):
+                opts["ratio"] = 0.0  # only other regions have per-layer ratios: keep this one whole
+            try:
+                res = api.compile(target, call.leaves, frontend="whole", **opts)
+            except TraceError as exc:
+                reason = str(exc).splitlines()[0]
+            else:
+                captured.append(path)
+                if res.report.groups_pruned == 0:  # nothing removed: keep the user's module as it is
+                    log.info("region %s: nothing to prune; kept as it is", path)
+                    return
+                regions.append(Region(path, call, res))
+                log.info("region %s: %s", path, str(res.report).splitlines()[0])
+                return
+        log.info("%s is not a region (%s); trying its children", path, reason)
+        if not any(_has_params(c) for _, c in children):
+            skipped.append(f"{path}: {reason}")
+        for name, child in children:
+            visit(f"{path}.{name}", child)
+
+    for name, child in work.named_children():
+        visit(name, child)
+    if not captured:
+        raise TraceError(
+            (str(why) + "\n  3. " if why else "")
+            + f"no submodule of {type(model).__name__} could be captured and pruned on its own either"
+            + (": " + "; ".join(skipped[:5]) if skipped else "")
+        )
+    pruned = copy_model(model)
+    for reg in regions:
+        parent_name, _, attr = reg.path.rpartition(".")
+        parent = pruned.get_submodule(parent_name) if parent_name else pruned
+        new = reg.result.module
+        if not reg.call.plain:
+            new = _structured(new, reg.call.spec, reg.path)
+        _carry_attributes(parent.get_submodule(attr), new)
+        setattr(parent, attr, new)
+    pruned.train(model.training)
+    check_contract(work, copy_model(pruned).eval(), inputs)
+    ctx = Context(model=model, example_inputs=inputs, original=None, calib=None, seed=options.get("seed", 0))
+    unchanged = [p for p in captured if p not in {r.path for r in regions}]
+    ctx.notes.append(
+        f"hierarchical front end: {len(regions)} region(s) pruned separately ("
+        + ", ".join(r.path for r in regions) + "); their inputs and outputs are kept"
+        + (f"; captured but nothing to prune (kept as they are): {', '.join(unchanged)}" if unchanged else "")
+        + (f"; whole-model capture failed: {str(why).splitlines()[0]}" if why else "")
+    )
+    ctx.notes += [f"not pruned: {s}" for s in skipped]
+    report = _merge_reports(model, pruned, regions, ctx, time.perf_counter() - t0)
+    ctx.extras["regions"] = {r.path: r.result for r in regions}
+    pipe = regions[0].result.pipeline if regions else Pipeline(())  # (the same for every region)
+    return api.CompileResult(pruned, report, None, None, Selection(), pipe, ctx,
+                             regions={r.path: r.result for r in regions})
+
+
+def _count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _merge_reports(model: nn.Module, pruned: nn.Module, regions: list[Region], ctx: Any, seconds: float) -> Any:
+    from .api import LayerRow, Report
+
+    layers, blocked, notes, uncounted = [], [], list(ctx.notes), []
+    mb = ma = gt = gp = 0
+    for reg in regions:
+        r = reg.result.report
+        mb += r.macs_before
+        ma += r.macs_after
+        gt += r.groups_total
+        gp += r.groups_pruned
+        p = reg.path + "."
+        layers += [LayerRow(p + x.name, x.kind, x.before, x.after, x.macs_before, x.macs_after) for x in r.layers]
+        blocked += [(p + root, why) for root, why in r.blocked]
+        notes += [f"[{reg.path}] {n}" for n in r.notes]
+        uncounted += [p + u for u in r.uncounted]
+    notes.append("MACs are summed over the pruned regions (the uncaptured code between them is not counted)")
+    first = pytree.tree_leaves(ctx.example_inputs)[:1]
+    batch = int(first[0].shape[0]) if first and first[0].dim() else 1
+    return Report(_count(model), _count(pruned), mb, ma, tuple(layers), gt, gp, tuple(blocked), tuple(notes),
+                  seconds, batch, tuple(uncounted))
