@@ -13,9 +13,13 @@ Per model (random weights, eval mode, randomised norm layers, one forked child p
   it ran and every output keeps its shape (torch-pruning does not verify numerics). Output layers = every
   module whose output shares storage with a network output, plus the heads' final layers by name.
 
-Detection models are pruned in two forms: ``<name>`` (the full model, whose post-processing has
-data-dependent shapes) and ``<name>:core`` (backbone + FPN + head, returning the head's raw outputs, the
-contract the anchor decoding relies on).
+Detection models are pruned whole (``<name>``): their pre/post-processing (resizing a list of images,
+NMS, a variable number of boxes) is captured by neither torch.fx nor torch.export, so fxprune's default front
+end falls back to the hierarchical one (backbone + FPN, RPN/box/mask heads pruned as regions with their
+interfaces kept); the output check then compares structure, dtypes and every dim but the first (the number
+of detections depends on the data). The images are resized to the input side (``min_size=max_size=side``)
+instead of torchvision's 800 px. ``--core`` adds ``<name>:core`` rows (backbone + FPN + head as one graph,
+returning the head's raw outputs: FPN channels coupled with the head can then be pruned too).
 
     python benchmarks/coverage_models.py                           # every suite (hours on 2 cores)
     python benchmarks/coverage_models.py --suites timm --models resnet18,vit_tiny_patch16_224
@@ -29,7 +33,7 @@ import copy
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +71,6 @@ def _suite_models(suite: str) -> list[str]:
         return [n for n, _ in TIMM]
     mod = getattr(torchvision.models, suite)
     names = torchvision.models.list_models(module=mod)
-    if suite == "detection":
-        return [x for n in names for x in (f"{n}:core", n)]
     return names
 
 
@@ -114,6 +116,9 @@ def build(suite: str, name: str, size: int | None, seed: int) -> tuple[nn.Module
             model = torchvision.models.get_model(base, **kwargs)
             if suite == "detection":
                 side = size or 160
+                if not base.startswith("ssd"):  # keep torchvision's resize at the input side
+                    kwargs.update(min_size=side, max_size=side)
+                    model = torchvision.models.get_model(base, **kwargs)
                 if name.endswith(":core"):
                     model = DetectionCore(model)
                 inputs = (torch.randn(1, 3, side, side, generator=g),)
@@ -194,14 +199,19 @@ def run_fxprune(row: dict[str, Any], model: nn.Module, inputs: tuple[torch.Tenso
         row["fx_traceback"] = common.full_traceback(exc)
         return
     rep = res.report
-    verify_s = sum(dt for p, _, dt in res.context.log if p == "verify")
-    vstats = next((st for p, st, _ in res.context.log if p == "verify"), {})
+    parts = list(res.regions.values()) or [res]  # hierarchical front end: one compile per region
+    verify_s = sum(dt for r in parts for p, _, dt in r.context.log if p == "verify")
+    checks = {next((st for p, st, _ in r.context.log if p == "verify"), {}).get("equivalence", "–") for r in parts}
+    frontend = "export" if any("torch.export" in n for n in rep.notes) else "fx"
+    if res.regions:
+        frontend = f"hierarchical ({len(res.regions)} regions)"
     row.update(fx_s=rep.seconds - verify_s, fx_verify_s=verify_s, macs_before=rep.macs_before,
-               macs_after=rep.macs_after, groups=f"{rep.groups_pruned}/{rep.groups_total}",
-               frontend="export" if any("torch.export" in n for n in rep.notes) else "fx",
-               equivalence=vstats.get("equivalence", "–"))
+               macs_after=rep.macs_after, groups=f"{rep.groups_pruned}/{rep.groups_total}", frontend=frontend,
+               equivalence=checks.pop() if len(checks) == 1 else ", ".join(sorted(checks)))
     with torch.no_grad():
         got = _shapes(res.module(*inputs))
+    if res.regions:  # data-dependent output sizes (detections): compare all dims but the first
+        got, want = [g[1:] for g in got], [w[1:] for w in want]
     problems = []
     if got != want:
         problems.append(f"output shapes {want} -> {got}")
@@ -230,6 +240,8 @@ def run_tp(row: dict[str, Any], model: nn.Module, inputs: tuple[torch.Tensor, ..
                 mod.head_dim = qkv.out_features // (3 * mod.num_heads)
         with torch.no_grad():
             got = _shapes(m(*inputs))
+        if suite == "detection":  # the number of detections depends on the data
+            got, want = [g[1:] for g in got], [w[1:] for w in want]
         n_after = sum(p.numel() for p in m.parameters())
         n_before = sum(p.numel() for p in model.parameters())
         problems = []
@@ -289,7 +301,7 @@ def _render(rows: list[dict[str, Any]], elapsed: float) -> str:
         "# Coverage: detection, segmentation, optical flow, video (torchvision) and timm",
         "",
         f"fxprune `compile(model, inputs, importance='l2', ratio={RATIO}, verify='equivalence')` (front end "
-        "auto: fx, falling back to torch.export) vs torch-pruning `MetaPruner(MagnitudeImportance(p=2), "
+        "auto: fx, falling back to torch.export, then to the hierarchical front end) vs torch-pruning `MetaPruner(MagnitudeImportance(p=2), "
         f"pruning_ratio={RATIO}, ignored_layers=<output layers>)` + `step()`, same model, same process. "
         "Random weights, eval mode, randomised norm layers. " + common.machine_info() + ".",
         "",
@@ -324,12 +336,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--max-rss-gb", type=float, default=common.DEFAULT_MAX_RSS_GB)
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--core", action="store_true", help="also prune detection models' backbone+FPN+head as one graph")
     args = p.parse_args(argv)
     want = {s.strip() for s in args.models.split(",") if s.strip()}
     drop = {s.strip() for s in args.exclude.split(",") if s.strip()}
     tools = tuple(t.strip() for t in args.tools.split(","))
-    jobs = [(s, n) for s in args.suites.split(",") for n in _suite_models(s.strip())
-            if (not want or n in want) and n not in drop]
+    names = [(s.strip(), n) for s in args.suites.split(",") for n in _suite_models(s.strip())]
+    if args.core:
+        names = [(s, x) for s, n in names for x in ((f"{n}:core", n) if s == "detection" else (n,))]
+    jobs = [(s, n) for s, n in names if (not want or n in want) and n not in drop]
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for i, (suite, name) in enumerate(jobs):

@@ -29,8 +29,8 @@ same structure, dtypes and trailing dims as the original on the example inputs (
 where the model's output size depends on data, e.g. the number of detections).
 
 Use it with ``compile(..., frontend="hierarchical")`` or let ``frontend="auto"`` fall back to it when
-both whole-model front ends fail. Data-driven criteria (``calib=``) and ``sequential=True`` are not
-supported on this path yet (a :class:`~fxprune.errors.ConfigError` says so).
+both whole-model front ends fail. Data-driven criteria work per region: the ``calib=`` batches are run
+through the model once and each region is calibrated on the arguments they give it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -46,7 +46,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ConfigError, FxpruneError, InputError, TraceError, VerificationError
+from .errors import InputError, TraceError, VerificationError
 
 __all__ = ["Region", "find_calls", "compile_hierarchical", "StructuredGraphModule"]
 
@@ -86,6 +86,34 @@ class Region:
 
 def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
+
+
+def record_calib(model: nn.Module, calib: Any, paths: list[str]) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+    """Run the calibration batches through ``model`` and keep, per region path, the flattened arguments of
+    every call (a module called once per FPN level contributes one batch per level)."""
+    got: dict[str, list[tuple[torch.Tensor, ...]]] = {p: [] for p in paths}
+    handles = []
+    for p in paths:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, p: str = p) -> None:
+            leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+            got[p].append(tuple(x.detach() for x in leaves))
+        handles.append(model.get_submodule(p).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(calib):
+                args = batch if isinstance(batch, (tuple, list)) else (batch,)
+                try:
+                    model(*args)
+                except Exception as exc:
+                    raise InputError(f"calib batch {i} fails to run through the model: {type(exc).__name__}: "
+                                     f"{exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    empty = [p for p, v in got.items() if not v]
+    if empty:
+        raise InputError(f"the calibration data never reached {', '.join(empty)}")
+    return got
 
 
 def find_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, Call]:
@@ -230,12 +258,12 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
     from .trace import copy_model
 
     t0 = time.perf_counter()
-    if options.get("calib") is not None or options.get("sequential"):
-        raise ConfigError("the hierarchical front end (used because the whole model cannot be captured) does not "
-                          "support calib= / sequential=True yet; prune a capturable submodule directly instead"
-                          + (f"\nwhole-model capture failed: {why}" if why else ""))
     work = copy_model(model).eval()
     calls = find_calls(work, inputs)
+    calib: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+    if options.get("calib") is not None:  # every region gets the inputs the calibration data gives it
+        calib = record_calib(work, options["calib"], [n for n, c in calls.items()
+                                                      if c.tensors_only and c.same_structure])
     regions: list[Region] = []
     skipped: list[str] = []
     captured: list[str] = []
@@ -263,6 +291,8 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
             opts["ignore"] = _relative(options.get("ignore", ()), path)
             opts["ratios"] = {k[len(path) + 1:]: v for k, v in (options.get("ratios") or {}).items()
                               if k.startswith(path + ".")}
+            if calib:
+                opts["calib"] = calib.get(path)
             if not (opts.get("ratio") is not None or opts.get("threshold") is not None
                     or opts.get("target_macs") is not None or opts["ratios"] or opts.get("pipeline") is not None):
                 opts["ratio"] = 0.0  # only other regions have per-layer ratios: keep this one whole

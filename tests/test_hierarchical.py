@@ -132,7 +132,7 @@ def test_whole_model_equals_its_masked_reference_through_uncaptured_code():
     from fxprune.passes.verify import masked_reference
 
     model, imgs = _model().double(), [x.double() for x in _images()]
-    res = fxprune.compile(model, (imgs,), ratio=0.4, absorb=False)
+    res = fxprune.compile(model, (imgs,), ratio=0.4, absorb=False, frontend="hierarchical")
     masked = copy.deepcopy(model)
     for path, r in res.regions.items():
         ref = masked_reference(r.original, r.analysis, r.selection)
@@ -162,7 +162,8 @@ def test_removing_dead_channels_leaves_the_whole_model_unchanged():
         for bn, idx in ((model.backbone.b1, [1, 4, 5, 9, 13]), (model.head.bn, [0, 3, 7, 8, 20])):
             bn.weight[idx] = 0.0
             bn.bias[idx] = 0.0  # output exactly 0 (a nonzero constant is absorbed, approximately at padded borders)
-    res = fxprune.compile(model, (imgs,), importance="bn_scale", threshold=0.0, verify="equivalence")
+    res = fxprune.compile(model, (imgs,), importance="bn_scale", threshold=0.0, verify="equivalence",
+                          frontend="hierarchical")
     assert res.module.head.conv.out_channels == 19
     assert res.module.backbone.c1.out_channels == 16 - 1  # only channel 13: the others feed the p1 interface
     with torch.no_grad():
@@ -171,7 +172,7 @@ def test_removing_dead_channels_leaves_the_whole_model_unchanged():
 
 def test_result_trains_saves_and_copies():
     model, imgs = _model(), _images()
-    res = fxprune.compile(model, (imgs,), ratio=0.5)
+    res = fxprune.compile(model, (imgs,), ratio=0.5, frontend="hierarchical")
     m = res.module
     m.train()
     out = m(imgs)
@@ -191,16 +192,16 @@ def _pickled(m: nn.Module) -> bytes:
 
 
 def test_region_called_with_another_structure_is_a_clear_error():
-    res = fxprune.compile(_model(), (_images(),), ratio=0.5)
+    res = fxprune.compile(_model(), (_images(),), ratio=0.5, frontend="hierarchical")
     with pytest.raises(InputError, match="structured"):
         res.module.head(torch.randn(1, 12, 4, 4))  # a tensor, not a list
 
 
 def test_ignore_and_ratios_use_the_models_names():
     model, imgs = _model(), _images()
-    res = fxprune.compile(model, (imgs,), ratio=0.5, ignore=["head.conv"])
+    res = fxprune.compile(model, (imgs,), ratio=0.5, ignore=["head.conv"], frontend="hierarchical")
     assert res.module.head.conv.out_channels == 24 and res.module.backbone.c1.out_channels < 16
-    res = fxprune.compile(model, (imgs,), ratios={"backbone.c1": 0.25})
+    res = fxprune.compile(model, (imgs,), ratios={"backbone.c1": 0.25}, frontend="hierarchical")
     assert res.module.backbone.c1.out_channels == 12 and "head" not in res.regions
 
 
@@ -258,7 +259,7 @@ def test_torchvision_detector_keeps_its_head_contracts():
         weights=None, weights_backbone=None, min_size=96, max_size=96, rpn_post_nms_top_n_test=50,
         box_detections_per_img=20).eval()
     imgs = [torch.rand(3, 96, 96)]
-    res = fxprune.compile(model, (imgs,), ratio=0.5)
+    res = fxprune.compile(model, (imgs,), ratio=0.5, frontend="hierarchical")
     assert {"backbone", "rpn.head", "roi_heads.box_head"} <= set(res.regions)
     m = res.module
     assert m.backbone.out_channels == 256 and m.roi_heads.box_predictor.cls_score.out_features == 91
@@ -270,7 +271,7 @@ def test_torchvision_detector_keeps_its_head_contracts():
 
 def test_fxprune_save_and_load_rebuild_the_regions(tmp_path):
     model, imgs = _model(), _images()
-    res = fxprune.compile(model, (imgs,), ratio=0.5)
+    res = fxprune.compile(model, (imgs,), ratio=0.5, frontend="hierarchical")
     path = tmp_path / "det.pt"
     fxprune.save(res, path)
     body = torch.load(path, weights_only=True)  # plain data, no code
@@ -281,3 +282,19 @@ def test_fxprune_save_and_load_rebuild_the_regions(tmp_path):
         assert _same(loaded(imgs), res.module(imgs))
     with pytest.raises(fxprune.errors.FxpruneError):
         fxprune.load(path, DictModel())
+
+
+def test_data_driven_criteria_calibrate_each_region_on_what_reaches_it():
+    model, imgs = _model(), _images()
+    g = torch.Generator().manual_seed(3)
+    calib = [([torch.randn(3, 16, 16, generator=g)],) for _ in range(4)]
+    res = fxprune.compile(model, (imgs,), importance="thinet", calib=calib, ratio=0.5, verify="equivalence",
+                          frontend="hierarchical")
+    assert set(res.regions) == {"backbone", "head"}
+    head_calib = res.regions["head"].context.calib
+    assert len(head_calib) == 4 and len(head_calib[0]) == 2  # one batch per image, two levels each
+    assert head_calib[0][1].shape == (1, 12, 8, 8)
+    assert res.module.head.conv.out_channels == 12
+    with pytest.raises(InputError, match="calib batch 0"):
+        fxprune.compile(model, (imgs,), importance="thinet", calib=[torch.randn(2, 2)], ratio=0.5,
+                        frontend="hierarchical")
