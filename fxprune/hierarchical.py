@@ -46,7 +46,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import InputError, TraceError, VerificationError
+from .errors import ConfigError, InputError, TraceError, VerificationError
 
 __all__ = ["Region", "find_calls", "compile_hierarchical", "StructuredGraphModule"]
 
@@ -258,16 +258,40 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
     from .trace import copy_model
 
     t0 = time.perf_counter()
+    target = options.get("target_macs")
+    if target is not None and target > 1:
+        raise ConfigError(f"target_macs={target} is an absolute MACs count, but the hierarchical front end (used "
+                          "because the whole model cannot be captured as one graph) counts MACs per region: give a "
+                          "fraction (e.g. target_macs=0.5: the regions keep half of their MACs)"
+                          + (f"\nwhole-model capture failed: {str(why).splitlines()[0]}" if why else ""))
     work = copy_model(model).eval()
     calls = find_calls(work, inputs)
     calib: dict[str, list[tuple[torch.Tensor, ...]]] = {}
     if options.get("calib") is not None:  # every region gets the inputs the calibration data gives it
         calib = record_calib(work, options["calib"], [n for n, c in calls.items()
                                                       if c.tensors_only and c.same_structure])
-    regions: list[Region] = []
     skipped: list[str] = []
-    captured: list[str] = []
+    captured: dict[str, Any] = {}  # path -> compile result
     rules = options.get("rules") or api.RULES
+    search: dict[str, Any] = {}
+    if target is not None:  # a uniform ratio over the regions is searched below; first find them at 0.5
+        search = {"target_macs": None, "ratio": 0.5, "verify": "none"}
+
+    def compile_region(path: str, overrides: dict[str, Any]) -> Any:
+        call = calls[path]
+        mod = work.get_submodule(path)
+        opts = dict(options)
+        opts["ignore"] = _relative(options.get("ignore", ()), path)
+        opts["ratios"] = {k[len(path) + 1:]: v for k, v in (options.get("ratios") or {}).items()
+                          if k.startswith(path + ".")}
+        if calib:
+            opts["calib"] = calib.get(path)
+        if not (opts.get("ratio") is not None or opts.get("threshold") is not None
+                or opts.get("target_macs") is not None or opts["ratios"] or opts.get("pipeline") is not None):
+            opts["ratio"] = 0.0  # only other regions have per-layer ratios: keep this one whole
+        opts.update(overrides)
+        target_mod = mod if call.plain else _flat_view(mod, call.spec, len(call.leaves))
+        return api.compile(target_mod, call.leaves, frontend="whole", **opts)
 
     def visit(path: str, mod: nn.Module) -> None:
         if not _has_params(mod):
@@ -286,28 +310,12 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         elif not call.same_structure:
             reason = "called with differently structured arguments"
         if not reason:
-            target = mod if call.plain else _flat_view(mod, call.spec, len(call.leaves))
-            opts = dict(options)
-            opts["ignore"] = _relative(options.get("ignore", ()), path)
-            opts["ratios"] = {k[len(path) + 1:]: v for k, v in (options.get("ratios") or {}).items()
-                              if k.startswith(path + ".")}
-            if calib:
-                opts["calib"] = calib.get(path)
-            if not (opts.get("ratio") is not None or opts.get("threshold") is not None
-                    or opts.get("target_macs") is not None or opts["ratios"] or opts.get("pipeline") is not None):
-                opts["ratio"] = 0.0  # only other regions have per-layer ratios: keep this one whole
             try:
-                res = api.compile(target, call.leaves, frontend="whole", **opts)
+                captured[path] = compile_region(path, search)
+                log.info("region %s: %s", path, str(captured[path].report).splitlines()[0])
+                return
             except TraceError as exc:
                 reason = str(exc).splitlines()[0]
-            else:
-                captured.append(path)
-                if res.report.groups_pruned == 0:  # nothing removed: keep the user's module as it is
-                    log.info("region %s: nothing to prune; kept as it is", path)
-                    return
-                regions.append(Region(path, call, res))
-                log.info("region %s: %s", path, str(res.report).splitlines()[0])
-                return
         log.info("%s is not a region (%s); trying its children", path, reason)
         if not any(_has_params(c) for _, c in children):
             skipped.append(f"{path}: {reason}")
@@ -322,6 +330,12 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
             + f"no submodule of {type(model).__name__} could be captured and pruned on its own either"
             + (": " + "; ".join(skipped[:5]) if skipped else "")
         )
+    notes: list[str] = []
+    if target is not None:
+        ratio = _search_ratio(lambda r: {p: compile_region(p, dict(search, ratio=r)) for p in captured}, target)
+        captured = {p: compile_region(p, {"target_macs": None, "ratio": ratio}) for p in captured}
+        notes.append(f"target_macs={target}: ratio {ratio:.3f} in every region (MACs counted over the regions)")
+    regions = [Region(p, calls[p], r) for p, r in captured.items() if r.report.groups_pruned > 0]
     pruned = copy_model(model)
     for reg in regions:
         parent_name, _, attr = reg.path.rpartition(".")
@@ -334,6 +348,7 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
     pruned.train(model.training)
     check_contract(work, copy_model(pruned).eval(), inputs)
     ctx = Context(model=model, example_inputs=inputs, original=None, calib=None, seed=options.get("seed", 0))
+    ctx.notes += notes
     unchanged = [p for p in captured if p not in {r.path for r in regions}]
     ctx.notes.append(
         f"hierarchical front end: {len(regions)} region(s) pruned separately ("
@@ -347,6 +362,26 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
     pipe = regions[0].result.pipeline if regions else Pipeline(())  # (the same for every region)
     return api.CompileResult(pruned, report, None, None, Selection(), pipe, ctx,
                              regions={r.path: r.result for r in regions})
+
+
+def _search_ratio(run: Callable[[float], dict[str, Any]], target: float, steps: int = 7) -> float:
+    """The smallest uniform ratio (to 2**-steps) whose pruned regions keep at most ``target`` of their MACs."""
+    def kept(r: float) -> float:
+        reps = [x.report for x in run(r).values()]
+        return sum(x.macs_after for x in reps) / max(sum(x.macs_before for x in reps), 1)
+
+    lo, hi = 0.0, 0.95
+    at_hi = kept(hi)
+    if at_hi > target:
+        raise ConfigError(f"target_macs={target} is not reachable per region: removing {hi:.0%} of every prunable "
+                          f"group keeps {at_hi:.1%} of the regions' MACs")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if kept(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _count(m: nn.Module) -> int:

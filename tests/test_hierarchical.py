@@ -221,6 +221,24 @@ def test_nothing_capturable_raises_one_error_explaining_all_attempts():
     assert "neither front end" in msg and "3. no submodule of Opaque" in msg
 
 
+def test_target_macs_searches_one_ratio_over_the_regions():
+    model, imgs = _model(), _images()
+    res = fxprune.compile(model, (imgs,), target_macs=0.6, frontend="hierarchical", verify="equivalence")
+    rep = res.report
+    assert rep.macs_after <= 0.6 * rep.macs_before
+    looser = fxprune.compile(model, (imgs,), ratio=_ratio_of(res) - 2 ** -7, frontend="hierarchical")
+    assert looser.report.macs_after > 0.6 * looser.report.macs_before  # the smallest ratio on the grid
+    with pytest.raises(fxprune.errors.ConfigError, match="not reachable"):
+        fxprune.compile(model, (imgs,), target_macs=0.01, frontend="hierarchical")
+    with pytest.raises(fxprune.errors.ConfigError, match="fraction"):
+        fxprune.compile(model, (imgs,), target_macs=1e5, frontend="hierarchical")
+
+
+def _ratio_of(res) -> float:
+    note = next(n for n in res.report.notes if n.startswith("target_macs="))
+    return float(note.split("ratio ")[1].split()[0])
+
+
 def test_calls_are_recorded_with_their_structure():
     model, imgs = _model(), _images()
     calls = find_calls(copy.deepcopy(model), (imgs,))
