@@ -32,6 +32,8 @@ explaining both failures is raised only when no submodule can be captured either
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from typing import Any, Callable, Iterable, Sequence
 
@@ -59,14 +61,37 @@ def _dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Any], ...
     return tuple({d: auto for d in range(x.dim())} for x in inputs)
 
 
+#: torch loggers that print the whole partial graph when an export attempt fails (fxprune reports the failure)
+_NOISY = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+          "torch._subclasses.fake_tensor", "torch.fx.experimental.recording")
+
+
+def _quiet_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], **kw: Any) -> torch.export.ExportedProgram:
+    loggers = [logging.getLogger(n) for n in _NOISY]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    err = io.StringIO()  # torch.export prints a failed attempt's partial graph to stderr: keep it at debug level
+    try:
+        with contextlib.redirect_stderr(err):
+            return torch.export.export(model, inputs, strict=False, **kw)
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        if err.getvalue():
+            log.debug("torch.export printed:\n%s", err.getvalue())
+
+
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     if getattr(model, "fxprune_static_shapes", False):
-        return torch.export.export(model, inputs, strict=False)
+        return _quiet_export(model, inputs)
     try:
-        return torch.export.export(model, inputs, strict=False, dynamic_shapes=_dynamic_shapes(inputs))
+        return _quiet_export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs))
     except Exception as exc:  # dynamic dims the model cannot support: retry with every size static
+        if "DataDependent" in type(exc).__name__:
+            raise  # a branch on a tensor's value: static sizes cannot help
         log.debug("export with dynamic dims failed (%s: %s); retrying static", type(exc).__name__, exc)
-        return torch.export.export(model, inputs, strict=False)
+        return _quiet_export(model, inputs)
 
 
 def _emittable(spec: pytree.TreeSpec) -> bool:

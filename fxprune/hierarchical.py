@@ -116,8 +116,10 @@ def record_calib(model: nn.Module, calib: Any, paths: list[str]) -> dict[str, li
     return got
 
 
-def find_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, Call]:
-    """Run ``model`` (a private copy) once, recording each parameterised submodule's first call."""
+def find_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+               candidate: Callable[[nn.Module], bool] = lambda m: True) -> tuple[dict[str, Call], Any]:
+    """Run ``model`` (a private copy) once, recording the first call of each parameterised submodule that is
+    a ``candidate`` region; returns the calls and the model's output."""
     first: dict[str, tuple[list[Any], pytree.TreeSpec]] = {}
     counts: dict[str, int] = {}
     same: dict[str, bool] = {}
@@ -136,17 +138,17 @@ def find_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, 
         return hook
 
     for name, m in model.named_modules():
-        if name and _has_params(m):
+        if name and _has_params(m) and candidate(m):
             handles.append(m.register_forward_pre_hook(hook_for(name), with_kwargs=True))
     try:
         with torch.no_grad():
-            model(*inputs)
+            out = model(*inputs)
     except Exception as exc:
         raise InputError(f"the model fails to run on the example inputs: {type(exc).__name__}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
-    return {n: Call(tuple(lv), spec, counts[n], same[n]) for n, (lv, spec) in first.items()}
+    return {n: Call(tuple(lv), spec, counts[n], same[n]) for n, (lv, spec) in first.items()}, out
 
 
 def _flat_view(module: nn.Module, spec: pytree.TreeSpec, n: int) -> nn.Module:
@@ -235,10 +237,10 @@ def _trailing(x: Any) -> tuple[Any, ...]:
     return (type(x).__name__,)
 
 
-def check_contract(original: nn.Module, pruned: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """The assembled model returns outputs of the original's structure, dtypes and trailing dims."""
+def check_contract(expected: Any, pruned: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The assembled model returns outputs of the original's (``expected``) structure, dtypes and trailing dims."""
     with torch.no_grad():
-        a, b = original(*inputs), pruned(*inputs)
+        a, b = expected, pruned(*inputs)
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
     if sa != sb:
@@ -265,14 +267,15 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
                           "fraction (e.g. target_macs=0.5: the regions keep half of their MACs)"
                           + (f"\nwhole-model capture failed: {str(why).splitlines()[0]}" if why else ""))
     work = copy_model(model).eval()
-    calls = find_calls(work, inputs)
+    rules = options.get("rules") or api.RULES
+    # a single layer with a rule is never a region: its input and output are the interface, nothing inside
+    calls, expected = find_calls(work, inputs, lambda m: bool(m._modules) or not rules.has_module_rule(m))
     calib: dict[str, list[tuple[torch.Tensor, ...]]] = {}
     if options.get("calib") is not None:  # every region gets the inputs the calibration data gives it
         calib = record_calib(work, options["calib"], [n for n, c in calls.items()
                                                       if c.tensors_only and c.same_structure])
     skipped: list[str] = []
     captured: dict[str, Any] = {}  # path -> compile result
-    rules = options.get("rules") or api.RULES
     search: dict[str, Any] = {}
     if target is not None:  # a uniform ratio over the regions is searched below; first find them at 0.5
         search = {"target_macs": None, "ratio": 0.5, "verify": "none"}
@@ -296,13 +299,13 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
     def visit(path: str, mod: nn.Module) -> None:
         if not _has_params(mod):
             return
-        call = calls.get(path)
         children = list(mod.named_children())
+        if not children and rules.has_module_rule(mod):
+            return  # a single layer: its input and output are the interface, nothing inside to prune
+        call = calls.get(path)
         if call is None:
             skipped.append(f"{path}: never called on the example inputs")
             return
-        if not children and rules.has_module_rule(mod):
-            return  # a single layer: its input and output are the interface, nothing inside to prune
         reason = ""
         if not call.tensors_only:
             kinds = sorted({type(x).__name__ for x in call.leaves if not isinstance(x, torch.Tensor)})
@@ -346,7 +349,7 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         _carry_attributes(parent.get_submodule(attr), new)
         setattr(parent, attr, new)
     pruned.train(model.training)
-    check_contract(work, copy_model(pruned).eval(), inputs)
+    check_contract(expected, copy_model(pruned).eval(), inputs)
     ctx = Context(model=model, example_inputs=inputs, original=None, calib=None, seed=options.get("seed", 0))
     ctx.notes += notes
     unchanged = [p for p in captured if p not in {r.path for r in regions}]
