@@ -276,7 +276,7 @@ def test_torchvision_detector_keeps_its_head_contracts():
     torch.manual_seed(0)
     model = tv.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, min_size=96, max_size=96, rpn_post_nms_top_n_test=50,
-        box_detections_per_img=20).eval()
+        box_detections_per_img=20, box_score_thresh=0.0).eval()
     imgs = [torch.rand(3, 96, 96)]
     res = fxprune.compile(model, (imgs,), ratio=0.5, frontend="hierarchical")
     assert {"backbone", "rpn.head", "roi_heads.box_head"} <= set(res.regions)
@@ -286,6 +286,7 @@ def test_torchvision_detector_keeps_its_head_contracts():
     with torch.no_grad():
         out = m([torch.rand(3, 96, 80)])
     assert set(out[0]) == {"boxes", "labels", "scores"} and out[0]["boxes"].shape[1:] == (4,)
+    assert 0 < len(out[0]["boxes"]) <= 20  # detections (score threshold 0), within the per-image limit
 
 
 def test_fxprune_save_and_load_rebuild_the_regions(tmp_path):
