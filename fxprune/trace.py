@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import operator
 from typing import Any, Callable, Iterable, Sequence
@@ -30,6 +31,12 @@ from .errors import InputError, TraceError
 __all__ = ["FxpruneTracer", "trace", "propagate_shapes", "normalize_inputs", "copy_model", "is_multi", "shape_of"]
 
 log = logging.getLogger(__name__)
+
+#: torch.nn composite modules that torch.fx would keep whole but fxprune traces through (their parts have
+#: rules), each mapped to a traceable stand-in ``forward(module, *args, **kwargs)`` (torch's own forwards of
+#: nn.TransformerEncoder/nn.Transformer branch on tensor properties) or to None (its forward is traceable).
+#: Matched on the exact type, so a subclass with its own forward is left alone. Filled by fxprune.modules.
+TRACE_THROUGH: dict[type, Callable[..., Any] | None] = {}
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -84,12 +91,17 @@ class FxpruneTracer(fx.Tracer):
             return True
         if self._is_rule_leaf(m):
             return True
+        if type(m) in TRACE_THROUGH:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         name = self.path_of_module(m) if not self.is_leaf_module(m, self.path_of_module(m)) else None
         if name is not None:
             self._fxp_stack.append(name)
+            stand_in = TRACE_THROUGH.get(type(m))
+            if stand_in is not None:
+                forward = functools.partial(stand_in, m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:

@@ -120,4 +120,9 @@ class Rewrite(Pass):
         cost = count_cost(new)
         meta.put(new, "cost", cost)
         removed = sum(analysis.groups[gid].size - len(k) for gid, k in sel.keep)
+        lossy = [analysis.groups[gid] for gid, _ in sel.keep if analysis.groups[gid].lossy]
+        if lossy:  # allow_lossy=True: say so in the report, whatever the verification level
+            ctx.notes.append(
+                f"lossy: {len(lossy)} group(s) pruned through normalisation statistics (e.g. "
+                f"{lossy[0].lossy}); the result is NOT exactly equivalent to the original (fine-tune it)")
         return PassResult(new, bool(sel.keep), {"units_removed": removed, "macs": cost.macs, "params": cost.params})

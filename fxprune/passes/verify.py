@@ -5,6 +5,14 @@ The *masked reference* of a selection is the original model in which every consu
 is zeroed. A removed unit then contributes nothing anywhere, so the pruned model must compute exactly
 the same function. Both are compared in eval mode, in float64 by default, on the example inputs (plus
 optional extra inputs).
+
+Running a model in float64 takes more than ``module.to(torch.float64)`` when its graph names a float dtype:
+``x.float()``, ``torch.zeros(..., dtype=torch.float32)``, a float32 coordinate grid built at run time (RAFT),
+the dtype asserts and casts of a torch.export graph. :func:`promote_float_dtype` rewrites such literals in a
+private copy (float dtypes → the check's dtype, ``.float()``/``.half()`` → ``.double()``, plain tensor
+attributes converted), and creation ops without a dtype run under that default dtype. The pruned module and
+the reference get the same treatment, so the check still compares two computations of one function, only
+at a higher precision; the modules returned to the user are never touched.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from ..ir import Selection, member_units
 from ..pipeline import Context, Pass, PassResult
 from ..rules.base import _lookup_tensor
 
-__all__ = ["Verify", "masked_reference", "compare_outputs", "flatten_outputs"]
+__all__ = ["Verify", "masked_reference", "compare_outputs", "flatten_outputs", "promote_float_dtype"]
 
 
 def masked_reference(gm: fx.GraphModule, analysis, selection: Selection, absorbed: Sequence[Any] = ()) -> fx.GraphModule:
@@ -79,15 +87,69 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CAST_METHODS = {torch.float16: "half", torch.bfloat16: "bfloat16", torch.float32: "float", torch.float64: "double"}
+
+
+def promote_float_dtype(m: nn.Module, dtype: torch.dtype) -> int:
+    """Rewrite, in place, every floating dtype named in the graphs of ``m`` (and of its GraphModule
+    submodules, e.g. higher-order-op bodies) to ``dtype``; convert floating tensor attributes that are not
+    parameters or buffers. Call it on a private copy. Returns the number of nodes changed.
+
+    >>> import torch.fx as fx
+    >>> class M(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x + torch.ones(3, dtype=torch.float32, device=x.device).float()
+    >>> gm = fx.symbolic_trace(M())
+    >>> promote_float_dtype(gm, torch.float64)
+    2
+    >>> gm(torch.zeros(3, dtype=torch.float64)).dtype
+    torch.float64
+    """
+    if dtype not in _FLOATS:
+        raise ValueError(f"promote_float_dtype needs a floating dtype, got {dtype}")
+
+    def swap(v: Any) -> Any:
+        return dtype if isinstance(v, torch.dtype) and v in _FLOATS else v
+
+    changed = 0
+    for mod in m.modules():
+        for name, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.is_floating_point():
+                setattr(mod, name, v.to(dtype))
+        if not isinstance(mod, fx.GraphModule):
+            continue
+        before = changed
+        for node in mod.graph.nodes:
+            args = fx.node.map_aggregate(node.args, swap)
+            kwargs = fx.node.map_aggregate(node.kwargs, swap)
+            target = node.target
+            if node.op == "call_method" and target in _CAST_METHODS.values():
+                target = _CAST_METHODS[dtype]
+            if args != node.args or kwargs != node.kwargs or target != node.target:
+                node.args, node.kwargs, node.target = args, kwargs, target
+                changed += 1
+        if changed > before:
+            mod.recompile()
+    return changed
+
+
 def _run(m: nn.Module, inputs: Sequence[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
     was = m.training
     m.eval()
     try:
         with torch.no_grad():
-            if dtype is not None:
-                m = copy.deepcopy(m).to(dtype)
-                inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
-            return flatten_outputs(m(*inputs))
+            if dtype is None:
+                return flatten_outputs(m(*inputs))
+            m = copy.deepcopy(m).to(dtype)
+            promote_float_dtype(m, dtype)
+            inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)  # creation ops without a dtype (torch.zeros(n), arange(0.0, ...))
+            try:
+                return flatten_outputs(m(*inputs))
+            finally:
+                torch.set_default_dtype(default)
     finally:
         m.train(was)
 

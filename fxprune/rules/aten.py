@@ -36,13 +36,13 @@ from torch import nn
 from ..ir import Constraint
 from .base import RULES, Rule, RuleContext, RewriteContext
 from .elementwise import Broadcast, Unary
-from .shape import PermuteRule, SplitRule, UnflattenRule, ExpandRule, tie_reshape, _patch_sizes
+from .shape import PermuteRule, PermuteWithin, SplitRule, UnflattenRule, ExpandRule, tie_reshape, _patch_sizes
 from .reduce import tie_reduction
 
 __all__ = ["bind", "aten_overloads", "AtenConv", "AtenLinear", "AtenEmbedding", "AtenBatchNorm", "AtenGroupNorm",
            "AtenReduce", "AtenPermute", "AtenSplit", "AtenSlice", "AtenSelect", "AtenExpand", "AtenUnflatten",
            "AtenIndexPut", "Creation", "Pinned", "AtenPad", "TieExcept", "AtenRepeatInterleave",
-           "AtenPixelShuffle"]
+           "AtenPixelShuffle", "AtenBaddbmm"]
 
 log = logging.getLogger(__name__)
 A = torch.ops.aten
@@ -448,6 +448,14 @@ class FunctionalBatchNorm(Rule):
         nd = len(rc.shape(x))
         rc.tie_same_shape(x)
         ch = rc.act(x, 1 if nd > 1 else 0)
+        # statistics of the call itself (training=True, e.g. timm's weight standardisation; instance norm)
+        # span every other dim: removing positions there changes them
+        batch_stats = a.get("training", False) if node.target is F.batch_norm else a.get("use_input_stats", True)
+        if batch_stats is not False:
+            first = 0 if node.target is F.batch_norm else 2  # instance norm: per sample
+            for d in range(first, nd):
+                if d != (1 if nd > 1 else 0):
+                    rc.lossy(rc.act(x, d), f"{node.name}: statistics computed by the call span dim {d}")
         for pname in ("running_mean", "running_var", "weight", "bias"):
             p = a.get(pname)
             if rc.is_tensor(p):
@@ -728,9 +736,10 @@ class Pinned(Rule):
         return  # RuleContext.finish() pins every input and output dim
 
 
-class TieExcept(Rule):
+class TieExcept(PermuteWithin):
     """Output has the input's shape; some dims are permuted inside (roll, flip, channel_shuffle): those are
-    pinned, the others pass through. ``dims``: op name -> the argument naming the dims, or fixed dims."""
+    pinned, the others pass through (the fx rule's analysis). ``dims``: op name -> the argument naming the
+    dims, or fixed dims."""
 
     name = "aten.permute_within"
     example = staticmethod(_ex_pad)
@@ -738,18 +747,12 @@ class TieExcept(Rule):
     def __init__(self, dims: dict[str, str | tuple[int, ...]]) -> None:
         self.dims = dims
 
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = node.args[0]
-        nd = len(rc.shape(x))
+    def moved_dims(self, node: fx.Node, nd: int) -> list[int] | None:
         where = self.dims[node.target._schema.name.split("::")[-1]]
         dims = bind(node).get(where) if isinstance(where, str) else where
         if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
-            dims = list(range(nd))  # roll without dims: over the flattened tensor
-        dims = {dims % nd} if isinstance(dims, int) else {d % nd for d in dims}
-        for d in range(nd):
-            rc.tie(rc.act(x, d), rc.out(d))
-            if d in dims:
-                rc.pin(rc.act(x, d), f"{node.name} moves positions along dim {d}")
+            return None  # roll without dims: over the flattened tensor
+        return [dims % nd] if isinstance(dims, int) else [d % nd for d in dims]
 
 
 class AtenPad(Rule):
@@ -808,6 +811,71 @@ class AtenPixelShuffle(Rule):
         rc.tie_map(cin, pos, rc.out(-3), pos // (r * r))
 
 
+class AtenBaddbmm(Rule):
+    """baddbmm(self, batch1, batch2, beta, alpha) = beta·self + alpha·(batch1 @ batch2): the product's dims
+    as in :class:`~fxprune.rules.attention.MatmulRule` (contraction pinned), ``self`` broadcast to the
+    output (nn.MultiheadAttention's attention scores plus an additive mask)."""
+
+    name = "aten.baddbmm"
+    example = staticmethod(lambda: _ex_mha_masked())
+
+    def analyze(self, node, rc: RuleContext) -> None:
+        a = bind(node)
+        x, b1, b2 = a["self"], a["batch1"], a["batch2"]
+        rc.tie(rc.act(b1, 0), rc.out(0))
+        rc.tie(rc.act(b2, 0), rc.out(0))
+        rc.tie(rc.act(b1, 1), rc.out(1))
+        rc.tie(rc.act(b2, 2), rc.out(2))
+        rc.tie(rc.act(b1, 2), rc.act(b2, 1))
+        rc.pin(rc.act(b1, 2), f"contracted by {node.name}")
+        if rc.is_tensor(x):
+            rc.tie_broadcast([x])
+
+
+def _ex_mha_masked():
+    class M(nn.Module):
+        """nn.MultiheadAttention returning its weights under an additive mask: the ATen graph has
+        in-projection, unflatten/select of q/k/v, views merging batch and heads, baddbmm, softmax, bmm."""
+
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 8)
+            self.mha = nn.MultiheadAttention(8, 4)
+            self.register_buffer("mask", torch.triu(torch.full((4, 4), -1e4), 1))
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            if x.dim() != 3:
+                raise ValueError("(L, B, E) input")
+            h = self.inp(x)
+            return self.out(self.mha(h, h, h, attn_mask=self.mask)[0])
+
+    return _static(M()), (torch.randn(4, 2, 5),)
+
+
+def _ex_mha_packed():
+    class M(nn.Module):
+        """Two batch-first nn.MultiheadAttention layers without weights (sdpa path): packed in-projection
+        unflattened to (3, E) and selected, views merging batch and heads, a key padding mask."""
+
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 8)
+            self.a = nn.MultiheadAttention(8, 4, batch_first=True)
+            self.b = nn.MultiheadAttention(8, 2, batch_first=True, bias=False)
+            self.register_buffer("pad", torch.tensor([[False] * 4, [False, False, False, True]]))
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            if x.dim() != 3:
+                raise ValueError("(B, L, E) input")
+            h = self.inp(x)
+            h = self.a(h, h, h, need_weights=False)[0]
+            return self.out(self.b(h, h, h, key_padding_mask=self.pad, need_weights=False)[0])
+
+    return _static(M()), (torch.randn(2, 4, 5),)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # registration
 
@@ -848,11 +916,13 @@ def _register() -> None:
     _reg(_UNARY, unary)
     _reg(_BINARY, broadcast)
     # clamp.Tensor/where/... with tensor bounds are broadcasts (registered above); plain clamp is unary too
-    _reg(["view", "reshape", "_unsafe_view", "view_copy"], _fn_rule(torch.reshape))
+    from .aten_heads import AtenView, AtenUnflattenHeads
+
+    _reg(["view", "reshape", "_unsafe_view", "view_copy"], AtenView())
     _reg(["unsqueeze", "unsqueeze_", "squeeze", "squeeze_", "unsqueeze_copy", "squeeze_copy"],
          _fn_rule(torch.squeeze))
     _reg(["flatten"], _fn_rule(torch.flatten))
-    _reg(["unflatten"], AtenUnflatten())
+    _reg(["unflatten"], AtenUnflattenHeads())
     _reg(["permute", "permute_copy", "transpose", "transpose_", "transpose_copy", "t", "t_", "t_copy", "movedim",
           "swapaxes", "swapdims", "numpy_T"], AtenPermute())
     _reg(["expand", "expand_copy"], AtenExpand())
@@ -885,7 +955,7 @@ def _register() -> None:
           "scatter_add_", "masked_select", "nonzero", "sort", "argsort", "topk", "_local_scalar_dense", "item",
           "unfold", "triu", "tril", "diag", "diagonal", "bucketize", "searchsorted", "one_hot",
           "multinomial", "as_strided", "im2col", "col2im", "grid_sampler", "grid_sampler_2d",
-          "upsample_nearest2d_backward", "nll_loss_forward", "baddbmm", "addmm", "addbmm", "index_add",
+          "upsample_nearest2d_backward", "nll_loss_forward", "addmm", "addbmm", "index_add",
           "index_copy", "index_fill", "masked_scatter", "embedding_bag", "_embedding_bag", "histc", "bincount",
           "unique_consecutive", "_unique2", "native_dropout", "stft", "fft_rfft", "fft_irfft", "fft_fft",
           "view_as_real", "view_as_complex", "_cdist_forward", "cdist", "_weight_norm_interface",
@@ -897,6 +967,7 @@ def _register() -> None:
     _reg(["softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "logcumsumexp", "softmin",
           "_safe_softmax"], dimwise)
     _reg(["matmul", "mm", "bmm"], _fn_rule(torch.matmul))
+    _reg(["baddbmm"], AtenBaddbmm())
     _reg(["einsum"], _fn_rule(torch.einsum))
     _reg(["scaled_dot_product_attention"], _fn_rule(F.scaled_dot_product_attention))
     _reg(["conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
@@ -944,6 +1015,7 @@ def _register_costs() -> None:
                        "conv_transpose2d", "conv_transpose3d"), conv)
     reg(aten_overloads("linear"), flops._linear_fn)
     reg(aten_overloads("matmul", "mm", "bmm"), flops._matmul_rule(0, "self"))
+    reg(aten_overloads("baddbmm"), flops._matmul_rule(1, "batch1"))
     reg(aten_overloads("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"), flops._norm_fn)
     reg(aten_overloads("scaled_dot_product_attention"), flops._sdpa_fn)
 

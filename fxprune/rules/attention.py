@@ -14,7 +14,13 @@ output dim is produced by its columns.
 out-projection columns); query/key/value input channels follow the in-projection columns and the output
 channels are produced by the out-projection. Pruned layers become
 :class:`fxprune.modules.PrunedMultiheadAttention`, which allows an inner width different from the
-embedding width.
+embedding width. ``nn.TransformerEncoder(Layer)``/``nn.TransformerDecoder``/``nn.Transformer`` are traced
+through (``fxprune.trace.TRACE_THROUGH``; traceable stand-in forwards in :mod:`fxprune.modules`), so their
+attention reaches this rule and their FFN layers the Linear rule.
+
+``repeat_interleave(x, r, dim)``: output position ``p`` is input ``p // r`` (grouped-query attention's
+repeated key/value heads). The torch.export path has its own rules for the same ops
+(:mod:`fxprune.rules.aten`, :mod:`fxprune.rules.aten_heads`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 from .base import RULES, Rule, RuleContext
 from .examples import ex_einsum, ex_matmul, ex_mha, ex_sdpa
 
-__all__ = ["SdpaRule", "MatmulRule", "MultiheadAttentionRule"]
+__all__ = ["SdpaRule", "MatmulRule", "MultiheadAttentionRule", "RepeatInterleaveRule"]
 
 
 def _tie_batch(rc: RuleContext, pairs: list[tuple[fx.Node, int]], out_batch: int) -> None:
@@ -127,7 +133,54 @@ class MatmulRule(Rule):
         rc.pin(rc.act(a, -1), f"contracted by {node.name}")
 
 
+def ex_repeat_interleave():
+    class M(nn.Module):
+        """Grouped-query attention with k/v heads repeated by ``repeat_interleave`` (8 query heads, 4 k/v)."""
+
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(6, 16), nn.Linear(6, 8), nn.Linear(6, 8)
+            self.o = nn.Linear(16, 3)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, 8, 2).transpose(1, 2)
+            k = self.k(x).view(b, n, 4, 2).transpose(1, 2).repeat_interleave(2, dim=1)
+            v = torch.repeat_interleave(self.v(x).view(b, n, 4, 2).transpose(1, 2), 2, 1)
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 16))
+
+    return M(), (torch.randn(2, 5, 6),)
+
+
+class RepeatInterleaveRule(Rule):
+    """``repeat_interleave(x, repeats: int, dim)``: output position ``p`` of ``dim`` is input ``p // repeats``
+    (grouped-query attention: a key/value head and the query heads it serves are one unit). Tensor
+    ``repeats``, a flattened input (no ``dim``) or ``output_size=`` pin every dim (exact, conservative)."""
+
+    name = "repeat_interleave"
+    example = staticmethod(ex_repeat_interleave)
+
+    def analyze(self, node, rc: RuleContext) -> None:
+        x, r, dim = rc.arg(0, "input"), rc.arg(1, "repeats"), rc.arg(2, "dim")
+        if not rc.is_tensor(x) or not isinstance(r, int) or isinstance(r, bool) or not isinstance(dim, int):
+            return
+        if node.kwargs.get("output_size") is not None or len(node.args) > 3:
+            return
+        nd = len(rc.shape(x))
+        dim %= nd
+        for d in range(nd):
+            if d == dim:
+                o = rc.out(d)
+                pos = np.arange(o.size)
+                rc.tie_map(rc.act(x, d), pos // r, o, pos)
+            else:
+                rc.tie(rc.act(x, d), rc.out(d))
+
+
 RULES.register_function(F.scaled_dot_product_attention, SdpaRule())
+_ri = RepeatInterleaveRule()
+RULES.register_function(torch.repeat_interleave, _ri)
+RULES.register_method("repeat_interleave", _ri)
 _mm = MatmulRule()
 RULES.register_function((torch.matmul, operator.matmul, torch.bmm, torch.mm), _mm)
 RULES.register_method(("matmul", "bmm", "mm", "__matmul__"), _mm)

@@ -1,4 +1,14 @@
-"""Rules for helper functions that torch and torchvision keep as single graph nodes (``torch.fx.wrap``).
+"""Rules for helper functions that torch and torchvision keep as single graph nodes (``torch.fx.wrap``), and
+for tensor creation ops (``torch.zeros``, ``x.new_ones``, ``torch.arange``, ``zeros_like``...).
+
+Creation ops (:class:`Creation`): a created tensor's size is either a literal (a constant: that output dim is
+pinned, so nothing ever needs patching) or computed at run time from other tensors' shapes (``x.shape[1]``,
+``x.size(1)``, ``x.shape``). A dim whose size is exactly one dim of another tensor *follows* it when the op
+fills every position alike (zeros/ones/full/empty, and i.i.d. random fills): the two dims are tied, so
+pruning that tensor's channels shrinks the created tensor at run time, consistently. Any other use of a
+size computed at run time pins the dims it was read from: sizes that feed values (``arange(C)``,
+``full(..., C)``, ``eye(C)``) or that went through arithmetic (``C // 2``) would change the computation if
+those dims shrank. ``zeros_like(x)``-style ops have ``x``'s shape, dim for dim.
 
 ``torch._assert`` reads shapes only. torchvision's Swin helpers compute head counts and widths from the
 input inside the function, so they are *opaque*: only the batch dim passes through and every other dim
@@ -8,12 +18,20 @@ element-wise.
 
 from __future__ import annotations
 
-import torch
+import builtins
+import operator
+from typing import Any, Iterator
 
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .. import meta
 from .base import RULES, Rule, RuleContext
+from . import norm as _norm
 from .elementwise import Unary
 
-__all__ = ["NoOp", "Opaque"]
+__all__ = ["NoOp", "Opaque", "Creation", "size_source", "size_deps"]
 
 
 class NoOp(Rule):
@@ -45,6 +63,235 @@ class Opaque(Rule):
             if rc.shape(x)[d] == rc.out_shape()[d]:
                 rc.tie(rc.act(x, d), rc.out(d))
 
+
+# ---------------------------------------------------------------------------------------------------------
+# creation ops
+
+
+def _is_shape_of(node: Any) -> fx.Node | None:
+    """The tensor ``x`` when ``node`` is ``x.shape`` / ``x.size()`` (a whole torch.Size), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2 \
+            and node.args[1] == "shape" and isinstance(node.args[0], fx.Node):
+        return node.args[0] if meta.tensor_meta(node.args[0]) is not None else None
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1 and "dim" not in node.kwargs:
+        return node.args[0] if meta.tensor_meta(node.args[0]) is not None else None
+    return None
+
+
+def size_source(node: Any) -> tuple[fx.Node, int] | None:
+    """``(x, d)`` when the int ``node`` is exactly ``x.size(d)`` / ``x.shape[d]``, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target == "size":
+        x = node.args[0]
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        shp = meta.tensor_meta(x)
+        if isinstance(d, int) and shp is not None and hasattr(shp, "shape"):
+            return x, d % len(shp.shape)
+        return None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        x = _is_shape_of(node.args[0])
+        if x is not None:
+            return x, node.args[1] % len(meta.tensor_meta(x).shape)
+    return None
+
+
+def shape_sources(node: Any) -> list[tuple[fx.Node, int] | None] | None:
+    """Per position of a size *tuple* computed at run time (``x.shape``, ``x.shape[1:]``): its source
+    (``size_source``), or None when the tuple's structure is unknown."""
+    x = _is_shape_of(node)
+    if x is not None:
+        return [(x, d) for d in range(len(meta.tensor_meta(x).shape))]
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
+            and isinstance(node.args[1], slice):
+        inner = shape_sources(node.args[0])
+        return None if inner is None else inner[node.args[1]]
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.add:
+        parts = [shape_sources(a) if isinstance(a, fx.Node) else _literal_sources(a) for a in node.args]
+        return None if any(p is None for p in parts) else [s for p in parts for s in p]
+    return None
+
+
+def _literal_sources(v: Any) -> list[tuple[fx.Node, int] | None] | None:
+    if isinstance(v, (tuple, list)):
+        return [size_source(e) for e in v]
+    return None
+
+
+def size_deps(value: Any) -> Iterator[tuple[fx.Node, int | None]]:
+    """Every ``(tensor, dim)`` whose size ``value`` (an int, a tuple, or graph values computed from them)
+    was read from; ``dim`` None means all dims (``x.shape``, ``x.numel()``). Walks back through
+    non-tensor nodes only: a tensor used for its *values* is not a size dependency."""
+    todo: list[fx.Node] = []
+    fx.node.map_arg(value, lambda n: todo.append(n))
+    seen: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if meta.tensor_meta(n) is not None:
+            continue
+        src = size_source(n)
+        if src is not None:
+            yield src
+            continue
+        x = _is_shape_of(n)
+        if x is not None:
+            yield x, None
+            continue
+        if n.op == "call_method" and n.target in ("numel", "nelement") or (
+                n.op == "call_function" and n.target is torch.numel):
+            yield n.args[0], None
+            continue
+        if n.op == "call_function" and n.target is builtins.len and meta.tensor_meta(n.args[0]) is not None:
+            yield n.args[0], 0
+            continue
+        if n.op == "call_function" and n.target is builtins.getattr and meta.tensor_meta(n.args[0]) is not None:
+            continue  # x.device, x.dtype: no size read
+        todo.extend(n.all_input_nodes)
+
+
+class Creation(Rule):
+    """A new tensor (see the module docstring). ``kind``: ``"fill"`` (every position alike: zeros, ones,
+    full, empty, rand...; sizes as varargs or one sequence, ``size_pos`` = index of the size argument after
+    ``self`` for methods), ``"like"`` (the shape of argument 0) or ``"values"`` (arange, linspace, eye...:
+    the values depend on the sizes, so every size read at run time pins its source)."""
+
+    def __init__(self, name: str, kind: str, size_pos: int = 0, varargs: bool = True) -> None:
+        if kind not in ("fill", "like", "values"):
+            raise ValueError(f"unknown creation kind {kind!r}")
+        self.name = name
+        self.kind = kind
+        self.size_pos = size_pos
+        self.varargs = varargs
+
+    example = staticmethod(lambda: _ex_creation())
+
+    def _split(self, node: fx.Node) -> tuple[Any, list[Any]]:
+        """(size argument or None, the other arguments whose values matter)."""
+        args = list(node.args[1:] if node.op == "call_method" else node.args)
+        kw = {k: v for k, v in node.kwargs.items() if k not in ("dtype", "device", "layout", "requires_grad",
+                                                                  "pin_memory", "memory_format", "out")}
+        if self.kind != "fill":
+            return None, args + list(kw.values())
+        if "size" in kw:
+            return kw.pop("size"), args + list(kw.values())
+        if self.varargs and (len(args) != 1 or not (isinstance(args[0], (list, tuple, torch.Size))
+                                                    or _is_sequence_node(args[0]))):
+            return tuple(args), list(kw.values())  # zeros(2, C, 3)
+        return args[self.size_pos], args[: self.size_pos] + args[self.size_pos + 1 :] + list(kw.values())
+
+    def analyze(self, node, rc: RuleContext) -> None:
+        out = rc.out_shape()
+        if node.op == "call_method":  # x.new_zeros(...): x gives dtype and device only
+            for ax in rc.all_dims(node.args[0]):
+                rc.free(ax)
+        if out is None:
+            return
+        size, values = self._split(node)
+        for x, d in size_deps(values):
+            self._pin_source(rc, node, x, d, "feeds the values of")
+        if self.kind == "like":
+            x = node.args[0]
+            if rc.is_tensor(x) and rc.shape(x) == out:
+                rc.tie_same_shape(x)
+            return
+        if size is None:
+            return
+        sources = shape_sources(size) if isinstance(size, fx.Node) else _literal_sources(size)
+        if sources is not None and len(sources) != len(out):
+            sources = None
+        if sources is None:  # a size tuple of unknown structure: every size it read is pinned
+            for x, d in size_deps(size):
+                self._pin_source(rc, node, x, d, "is used in the size of")
+            return
+        entries = list(size) if isinstance(size, (tuple, list)) else [None] * len(out)
+        for d, (src, e) in enumerate(zip(sources, entries, strict=True)):
+            if src is not None and self.kind == "fill":
+                x, k = src
+                rc.tie(rc.act(x, k), rc.out(d))  # follows the pruning at run time
+            elif isinstance(e, fx.Node):
+                for x, k in size_deps(e):
+                    self._pin_source(rc, node, x, k, "is used in the size of")
+
+    @staticmethod
+    def _pin_source(rc: RuleContext, node: fx.Node, x: fx.Node, d: int | None, how: str) -> None:
+        dims = range(len(rc.shape(x))) if d is None else [d]
+        for k in dims:
+            rc.pin(rc.act(x, k), f"the size of {x.name} dim {k} {how} {node.name} ({node.target})")
+
+
+def _is_sequence_node(v: Any) -> bool:
+    if not isinstance(v, fx.Node) or meta.tensor_meta(v) is not None:
+        return False
+    cv = meta.concrete_value(v)
+    return isinstance(cv, (tuple, list, torch.Size)) or _is_shape_of(v) is not None
+
+
+def _ex_creation():
+    class M(nn.Module):
+        """Positional-encoding style: created tensors sized from the input (edgenext), from a prunable
+        activation (follow it: zeros/ones/full), and a literal-sized constant; arange over a spatial size."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            b, c, h, w = y.shape
+            mask = ~torch.zeros((b, h, w)).to(dtype=torch.bool)
+            pos = mask.cumsum(2, dtype=torch.float32)[:, None] / w
+            bias = torch.ones(1, c, 1, 1) * 0.5 + y.new_zeros(y.shape[:2] + (1, 1)) + torch.full((c, 1, 1), 2.0)
+            ramp = torch.arange(w, dtype=torch.float32) + torch.zeros_like(y)
+            return self.b(y * bias + pos + ramp + torch.zeros(1, 1, h, 1))
+
+    return M(), (torch.randn(2, 3, 5, 6),)
+
+
+_fill = Creation("creation.fill", "fill")
+RULES.register_function((torch.zeros, torch.ones, torch.empty, torch.rand, torch.randn), _fill)
+RULES.register_method(("new_zeros", "new_ones", "new_empty"), _fill)
+_full = Creation("creation.full", "fill", varargs=False)
+RULES.register_function(torch.full, _full)
+RULES.register_method("new_full", _full)
+RULES.register_function((torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+                         torch.randn_like, torch.randint_like), Creation("creation.like", "like"))
+RULES.register_function((torch.arange, torch.linspace, torch.logspace, torch.eye, torch.randperm, torch.randint,
+                         torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.tril_indices,
+                         torch.triu_indices), Creation("creation.values", "values"))
+
+
+class MeshgridRule(Rule):
+    """``torch.meshgrid(t0, t1, ...)``: output ``k`` at ``[i0, i1, ...]`` is ``t_k[i_k]``; dim ``j`` of every
+    output is dim 0 of input ``j`` (with ``indexing="xy"`` the first two swap)."""
+
+    name = "meshgrid"
+    example = staticmethod(lambda: _norm.ex_grid_sample())
+
+    def analyze(self, node, rc: RuleContext) -> None:
+        ins = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(ins) == 1 and not rc.is_tensor(ins[0]):
+            return  # a list built at run time: everything pinned
+        if len(node.args) == 1 and isinstance(node.args[0], (list, tuple)):
+            ins = list(node.args[0])
+        tm = node.meta.get("tensor_meta")
+        if not all(rc.is_tensor(t) and len(rc.shape(t)) == 1 for t in ins) or tm is None:
+            return
+        order = list(range(len(ins)))
+        if node.kwargs.get("indexing", "ij") == "xy" and len(ins) > 1:
+            order[0], order[1] = 1, 0
+        for k in range(len(tm)):
+            for d, j in enumerate(order):
+                rc.tie(rc.act(ins[j], 0), rc.out(d, k))
+
+
+RULES.register_function(torch.meshgrid, MeshgridRule())
+RULES.functions.setdefault(operator.invert, Unary("invert", example=_ex_creation))  # ~mask
 
 RULES.register_function(torch._assert, NoOp())
 try:

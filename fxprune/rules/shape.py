@@ -1,5 +1,5 @@
 """Shape ops: flatten/view/reshape, permute/transpose, squeeze, expand/repeat, cat/stack, split/chunk,
-narrow, indexing and size queries.
+narrow, indexing, size queries, and ops that move positions within dims (roll, flip, channel shuffle).
 
 Literal sizes in the graph (``x.view(-1, 400)``, ``torch.split(x, [3, 5], 1)``, ``x[:, :64]``) are
 patched by :meth:`rewrite_node` from the keep masks; symbolic sizes (``x.size(0)``) are left alone,
@@ -23,7 +23,8 @@ from torch import nn
 from .base import RULES, Rule, RuleContext, RewriteContext
 from .examples import ex_cat, ex_flatten_view, ex_getitem, ex_permute, ex_split, ex_expand
 
-__all__ = ["match_dims", "ViewRule", "FlattenRule", "PermuteRule", "CatRule", "SplitRule", "GetItemRule"]
+__all__ = ["match_dims", "ViewRule", "FlattenRule", "PermuteRule", "CatRule", "SplitRule", "GetItemRule",
+           "PermuteWithin"]
 
 
 def match_dims(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -293,6 +294,76 @@ class PermuteRule(Rule):
             rc.tie(rc.act(x, d), rc.out(i))
 
 
+def _ex_roll() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    class M(nn.Module):
+        """Swin-style shifted windows: roll/flip the spatial dims of an NHWC tensor (channels last)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Linear(8, 6)
+            self.c = nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x).permute(0, 2, 3, 1)  # NHWC
+            y = torch.roll(y, shifts=(-1, 2), dims=(1, 2)).flip(1)
+            z = torch.flip(self.b(y), [2]).roll(1, 1).permute(0, 3, 1, 2)
+            return self.c(torch.flipud(z))  # batch dim: channels stay prunable
+
+    return M(), (torch.randn(2, 3, 5, 6),)
+
+
+def _moved_dims_fx(node: fx.Node, nd: int) -> list[int] | None:
+    """Dims whose positions ``node`` (a torch-level roll/flip/channel shuffle) moves; None = every dim."""
+    t = node.target if node.op != "call_module" else None
+    args, kw = node.args[1:], node.kwargs
+    if t in ("roll", torch.roll):
+        dims = args[1] if len(args) > 1 else kw.get("dims")
+    elif t in ("flip", torch.flip):
+        if len(args) > 1 or (len(args) == 1 and isinstance(args[0], int)):
+            dims = list(args)  # x.flip(1, 2)
+        else:
+            dims = args[0] if args else kw.get("dims")
+    elif t in ("fliplr", torch.fliplr):
+        dims = 1
+    elif t in ("flipud", torch.flipud):
+        dims = 0
+    else:  # channel_shuffle (function or nn.ChannelShuffle): channels of (N, C, ...)
+        dims = 1
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return None
+    if isinstance(dims, int):
+        return [dims % nd]
+    if all(isinstance(d, int) for d in dims):
+        return [d % nd for d in dims]
+    return None  # dims computed at run time: treat every dim as moved
+
+
+class PermuteWithin(Rule):
+    """roll / flip / fliplr / flipud / channel_shuffle: the output has the input's shape and positions move
+    *within* some dims. Those dims are pinned whole (their channel order is not preserved); every other dim
+    passes through channel for channel. ``torch.roll`` without ``dims`` rolls the flattened tensor: every
+    dim is pinned. Front ends with other argument layouts override :meth:`moved_dims` (the ATen rule does).
+    """
+
+    name = "permute_within"
+    example = staticmethod(_ex_roll)
+
+    def moved_dims(self, node: fx.Node, nd: int) -> list[int] | None:
+        """Dims (non-negative) whose positions the op moves; None = every dim."""
+        return _moved_dims_fx(node, nd)
+
+    def analyze(self, node, rc: RuleContext) -> None:
+        x = rc.arg(0, "input")
+        nd = len(rc.shape(x))
+        dims = self.moved_dims(node, nd)
+        moved = set(range(nd)) if dims is None else {d % nd for d in dims}
+        for d in range(nd):
+            rc.tie(rc.act(x, d), rc.out(d))
+            if d in moved:
+                rc.pin(rc.act(x, d), f"{node.name} moves positions along dim {d}")
+
+
 def _tensor_list(rc: RuleContext, arg: Any) -> list[tuple[fx.Node, int | None]]:
     if isinstance(arg, (list, tuple)):
         return [(x, None) for x in arg if rc.is_tensor(x)]
@@ -553,3 +624,8 @@ shape_query = ShapeQueryRule()
 RULES.register_method(("size", "dim", "numel", "nelement", "ndimension", "element_size", "get_device"), shape_query)
 RULES.register_function((builtins.getattr, builtins.len, torch.numel), shape_query)
 RULES.register_function(operator.getitem, GetItemRule())
+within = PermuteWithin()
+RULES.register_function((torch.roll, torch.flip, torch.fliplr, torch.flipud, torch.channel_shuffle,
+                         torch.nn.functional.channel_shuffle, torch.native_channel_shuffle), within)
+RULES.register_method(("roll", "flip", "fliplr", "flipud"), within)
+RULES.register_module(nn.ChannelShuffle, within)
