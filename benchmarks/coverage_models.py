@@ -60,6 +60,20 @@ TIMM = [
     ("coatnet_nano_rw_224", 224), ("mixer_s16_224", 224), ("levit_128s", 224), ("fastvit_t8", 128),
 ]
 
+# torch-pruning's own per-model configuration for torchvision detection / flow models (the layers its
+# examples/torchvision_models script ignores; it also needs trainable_backbone_layers=5, no FrozenBatchNorm2d)
+TP_IGNORE = {
+    "fasterrcnn": ("rpn.head.cls_logits", "rpn.head.bbox_pred", "backbone.fpn", "roi_heads"),
+    "fcos": ("head.classification_head.cls_logits", "head.regression_head.bbox_reg",
+             "head.regression_head.bbox_ctrness"),
+    "keypointrcnn": ("rpn.head.cls_logits", "backbone.fpn.layer_blocks", "rpn.head.bbox_pred", "roi_heads.box_head",
+                     "roi_heads.box_predictor", "roi_heads.keypoint_predictor"),
+    "maskrcnn": ("rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor", "roi_heads.mask_predictor"),
+    "retinanet": ("head.classification_head.cls_logits", "head.regression_head.bbox_reg"),
+    "ssd": ("head",),
+    "raft_large": ("corr_block", "update_block", "mask_predictor"),
+}
+
 DETECTION_HEAD_LAYERS = ("cls_logits", "bbox_reg", "bbox_pred", "bbox_ctrness", "cls_score", "mask_fcn_logits",
                          "kps_score_lowres", "module_list", "low_classifier", "high_classifier")
 
@@ -113,6 +127,8 @@ def build(suite: str, name: str, size: int | None, seed: int) -> tuple[nn.Module
             kwargs: dict[str, Any] = {"weights": None}
             if suite in ("detection", "segmentation"):
                 kwargs["weights_backbone"] = None
+            if suite == "detection":
+                kwargs["trainable_backbone_layers"] = 5  # plain BatchNorm2d (torch-pruning cannot prune FrozenBN)
             model = torchvision.models.get_model(base, **kwargs)
             if suite == "detection":
                 side = size or 160
@@ -134,6 +150,7 @@ def build(suite: str, name: str, size: int | None, seed: int) -> tuple[nn.Module
                     side = size or 112
                 inputs = (torch.randn(1, 3, t, side, side, generator=g),)
     model.eval()
+    model._coverage_name = name
     common.randomize_norms(model, seed)
     return model, inputs, "x".join(str(s) for s in inputs[0].shape[1:])
 
@@ -171,11 +188,23 @@ def _output_layers(model: nn.Module, inputs: tuple[torch.Tensor, ...], suite: st
         for n, m in model.named_modules():
             if n.split(".")[-1] in DETECTION_HEAD_LAYERS or n.endswith(("classifier.4", "classifier.3")):
                 found.append(m)
+    name = getattr(model, "_coverage_name", "")
+    for key, paths in TP_IGNORE.items():
+        if name.startswith(key):
+            found += [model.get_submodule(p) for p in paths if _has(model, p)]
     if hasattr(model, "get_classifier"):
         c = model.get_classifier()
         if isinstance(c, nn.Module):
             found.append(c)
     return list({id(m): m for m in found}.values())
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _num_heads(model: nn.Module) -> dict[nn.Module, int]:
@@ -206,6 +235,7 @@ def run_fxprune(row: dict[str, Any], model: nn.Module, inputs: tuple[torch.Tenso
     if res.regions:
         frontend = f"hierarchical ({len(res.regions)} regions)"
     row.update(fx_s=rep.seconds - verify_s, fx_verify_s=verify_s, macs_before=rep.macs_before,
+               fx_params_ratio=rep.params_after / max(rep.params_before, 1),
                macs_after=rep.macs_after, groups=f"{rep.groups_pruned}/{rep.groups_total}", frontend=frontend,
                equivalence=checks.pop() if len(checks) == 1 else ", ".join(sorted(checks)))
     with torch.no_grad():
@@ -284,15 +314,17 @@ def run_one(suite: str, name: str, size: int | None, seed: int, tools: tuple[str
 
 def _render(rows: list[dict[str, Any]], elapsed: float) -> str:
     headers = ["suite", "model", "input", "fxprune", "front end", "groups pruned", "MACs after/before",
-               "equivalence", "fxprune s", "torch-pruning", "tp s", "tp/fx time", "fxprune error",
-               "torch-pruning error"]
+               "params after/before", "equivalence", "fxprune s", "torch-pruning", "tp params after/before", "tp s",
+               "tp/fx time", "fxprune error", "torch-pruning error"]
     body = []
     for r in rows:
         ratio = (f"{r['tp_s'] / r['fx_s']:.2f}" if r.get("tp_s") and r.get("fx_s") and r["fx_status"] == "ok"
                  and r["tp_status"] == "ok" else None)
         body.append([r["suite"], r["model"], r.get("input"), r["fx_status"], r.get("frontend"), r.get("groups"),
                      f"{r['macs_after'] / max(r['macs_before'], 1):.1%}" if r.get("macs_before") else None,
-                     r.get("equivalence"), common.fmt_s(r.get("fx_s")), r["tp_status"], common.fmt_s(r.get("tp_s")),
+                     f"{r['fx_params_ratio']:.1%}" if r.get("fx_params_ratio") else None,
+                     r.get("equivalence"), common.fmt_s(r.get("fx_s")), r["tp_status"],
+                     f"{r['tp_params_ratio']:.1%}" if r.get("tp_params_ratio") else None, common.fmt_s(r.get("tp_s")),
                      ratio, r.get("fx_error") or "", r.get("tp_error") or ""])
     fx_ok = {r["model"] for r in rows if r["fx_status"] == "ok"}
     tp_ok = {r["model"] for r in rows if r["tp_status"] == "ok"}
