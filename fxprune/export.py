@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import operator
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -134,8 +135,51 @@ def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str |
     graph.output(result)
     graph.eliminate_dead_code()
     gm = fx.GraphModule(unlifted, graph, name or type(model).__name__)
+    if _inline_autocast_off(gm):
+        gm.recompile()
     gm.graph.lint()
     return gm
+
+
+def _inline_autocast_off(gm: fx.GraphModule) -> int:
+    """Inline the regions torch.export wraps in ``wrap_with_autocast(..., enabled=False, ...)`` (code run with
+    autocast disabled, e.g. timm's EfficientViT attention): without autocast active, they are plain ops, which
+    the rules can then see. Regions with autocast *enabled* are left alone (they change dtypes)."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and getattr(node.target, "__name__", "") == "wrap_with_autocast"):
+            continue
+        _device, _dtype, enabled, _cache, sub_attr, *operands = node.args
+        if enabled is not False or not isinstance(sub_attr, fx.Node) or sub_attr.op != "get_attr":
+            continue
+        sub = getattr(gm, str(sub_attr.target))
+        if not isinstance(sub, fx.GraphModule) or any(n.op in ("get_attr", "call_module") for n in sub.graph.nodes):
+            continue
+        env: dict[fx.Node, Any] = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(operands):
+            continue
+        env.update(zip(placeholders, operands))
+        outs: Any = None
+        with gm.graph.inserting_before(node):
+            for sn in sub.graph.nodes:
+                if sn.op == "output":
+                    outs = fx.map_arg(sn.args[0], lambda x: env[x])
+                elif sn.op != "placeholder":
+                    env[sn] = gm.graph.node_copy(sn, lambda x: env[x])
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outs[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:  # used as a whole: give it the tuple
+            raise TraceError("cannot inline an autocast-disabled region used without indexing its outputs")
+        gm.graph.erase_node(node)
+        if not sub_attr.users:
+            gm.graph.erase_node(sub_attr)
+            delattr(gm, str(sub_attr.target))
+        done += 1
+    return done
 
 
 def capture(

@@ -320,3 +320,28 @@ def test_multihead_attention_module_through_export_is_exact():
     chk = assert_prune_equivalent(ExportOnly(M().eval(), static_shapes=True), torch.randn(2, 4, 5),
                                   lambda a: random_selection(a, 0, ratio=0.5))
     assert chk.selection.keep  # at least the FFN width
+
+
+class AutocastOff(nn.Module):
+    """A block run with autocast disabled (timm EfficientViT): export wraps it in wrap_with_autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        with torch.autocast("cpu", enabled=False):
+            h = torch.relu(self.b(h))
+        return self.c(h)
+
+
+def test_autocast_disabled_regions_are_inlined_and_pruned():
+    torch.manual_seed(0)
+    res = fxprune.compile(AutocastOff().eval(), torch.randn(2, 3, 6, 6), ratio=0.5, frontend="export",
+                          verify="equivalence")
+    assert not any("wrap_with_autocast" in str(n.target) for n in res.module.graph.nodes)
+    convs = [n for n in res.module.graph.nodes if "conv" in str(n.target)]
+    assert len(convs) == 3 and res.report.macs_after < 0.5 * res.report.macs_before
