@@ -7,11 +7,15 @@ layers (dropout, batch norm) follow ``train()``/``eval()``.
 ``frontend="export"`` captures the model with ``torch.export.export(strict=False)``: Python control flow on
 tensors (Hugging Face-style mask construction by item assignment, shape-dependent branches, iteration
 over tensors in detection models) runs eagerly while the tensor ops are recorded as an fx graph of ATen
-operators, which the rules of :mod:`fxprune.rules.aten` analyse. Every input dim is exported as
-``Dim.AUTO`` (dynamic where the model allows, e.g. batch and sequence length; static otherwise), with a
-static re-export if that fails; a model with the attribute ``fxprune_static_shapes = True`` is exported
-with static shapes only (several times faster to capture; the result then accepts only the example
-shapes). The exported program is unlifted (``ExportedProgram.module()``, parameters
+operators, which the rules of :mod:`fxprune.rules.aten` analyse. The batch dim, and every dim of inputs
+with at most 3 dims (sequence length, features), are exported as ``Dim.AUTO`` (dynamic where the model
+allows, static otherwise); the spatial dims of image and video inputs stay static (the result accepts other
+batch sizes, but only the example's height and width) unless the model has the attribute
+``fxprune_dynamic_shapes = True`` (the hierarchical front end sets it on detector heads, which see feature
+maps of every size; symbolic size reasoning can take minutes on models that compute paddings from the
+input size). A failed dynamic export is retried with static shapes; a model with the attribute
+``fxprune_static_shapes = True`` is exported with static shapes only (faster to capture; the result then
+accepts only the example shapes). The exported program is unlifted (``ExportedProgram.module()``, parameters
 become ``get_attr`` attributes at their original qualified names), its input guards and pytree calling
 convention are dropped, and the output structure (tensor, tuple, list, dict) is restored in the graph.
 
@@ -57,9 +61,13 @@ FRONTENDS = ("auto", "whole", "fx", "export", "hierarchical")
 _KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 
-def _dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Any], ...]:
+def _dynamic_shapes(inputs: Sequence[torch.Tensor], spatial: bool = False) -> tuple[dict[int, Any], ...]:
+    """``Dim.AUTO`` for every dim of inputs with up to 3 dims (batch, sequence, features); for image and video
+    inputs (4 or more dims) only the batch dim, unless ``spatial``: symbolic reasoning over spatial sizes can
+    take minutes (paddings computed from the input size, e.g. timm's Conv2dSame)."""
     auto = torch.export.Dim.AUTO
-    return tuple({d: auto for d in range(x.dim())} for x in inputs)
+    return tuple({d: auto for d in range(x.dim() if (spatial or x.dim() < 4) else min(x.dim(), 1))}
+                 for x in inputs)
 
 
 #: torch loggers that print the whole partial graph when an export attempt fails (fxprune reports the failure)
@@ -86,8 +94,9 @@ def _quiet_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], **kw: Any)
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     if getattr(model, "fxprune_static_shapes", False):
         return _quiet_export(model, inputs)
+    spatial = bool(getattr(model, "fxprune_dynamic_shapes", False))
     try:
-        return _quiet_export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs))
+        return _quiet_export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs, spatial))
     except Exception as exc:  # dynamic dims the model cannot support: retry with every size static
         if "DataDependent" in type(exc).__name__:
             raise  # a branch on a tensor's value: static sizes cannot help

@@ -294,6 +294,7 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
             opts["ratio"] = 0.0  # only other regions have per-layer ratios: keep this one whole
         opts.update(overrides)
         target_mod = mod if call.plain else _flat_view(mod, call.spec, len(call.leaves))
+        target_mod.fxprune_dynamic_shapes = True  # (export path) heads see feature maps of every size
         return api.compile(target_mod, call.leaves, frontend="whole", **opts)
 
     def visit(path: str, mod: nn.Module) -> None:

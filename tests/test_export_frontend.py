@@ -345,3 +345,20 @@ def test_autocast_disabled_regions_are_inlined_and_pruned():
     assert not any("wrap_with_autocast" in str(n.target) for n in res.module.graph.nodes)
     convs = [n for n in res.module.graph.nodes if "conv" in str(n.target)]
     assert len(convs) == 3 and res.report.macs_after < 0.5 * res.report.macs_before
+
+
+def test_export_keeps_image_sizes_static_unless_asked():
+    """Symbolic reasoning over spatial sizes can take minutes: image/video inputs get a dynamic batch only."""
+    from fxprune.export import _dynamic_shapes
+
+    auto = torch.export.Dim.AUTO
+    img, seq = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4)
+    assert _dynamic_shapes((img, seq)) == ({0: auto}, {0: auto, 1: auto, 2: auto})
+    assert _dynamic_shapes((img,), spatial=True) == ({0: auto, 1: auto, 2: auto, 3: auto},)
+    torch.manual_seed(0)
+    net = _randomize(Residual())
+    res = fxprune.compile(net, torch.randn(2, 3, 8, 8), ratio=0.5, frontend="export")
+    assert res.module(torch.randn(5, 3, 8, 8)).shape[0] == 5  # another batch size works
+    net.fxprune_dynamic_shapes = True
+    res = fxprune.compile(net, torch.randn(2, 3, 8, 8), ratio=0.5, frontend="export", verify="equivalence")
+    assert res.module(torch.randn(1, 3, 12, 10)).shape[0] == 1  # and, when asked, another image size
