@@ -481,7 +481,7 @@ def test_view_transpose_channel_shuffle_keeps_groups():
 
 
 def test_lossy_norm_is_blocked_unless_allowed():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 2, 3))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(1, 8), nn.ReLU(), nn.Conv2d(8, 2, 3))
     res = fxprune.compile(model, img(), ratio=0.5)
     assert res.module.get_submodule("0").out_channels == 8
     assert any("allow_lossy" in why for _, why in res.report.blocked)
@@ -489,6 +489,21 @@ def test_lossy_norm_is_blocked_unless_allowed():
     assert res.module.get_submodule("0").out_channels == 4
     assert res.module.get_submodule("1").num_channels == 4
     assert any("skipped" in n for n in res.report.notes)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_group_norm_prunes_whole_groups_exactly(frontend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.GroupNorm(4, 12), nn.ReLU(), nn.Conv2d(12, 2, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    res = fxprune.compile(model, img(), ratio=0.5, frontend=frontend, verify="equivalence")
+    assert not res.report.blocked and not any("lossy" in n for n in res.report.notes)
+    convs = [m for m in res.module.modules() if isinstance(m, nn.Conv2d)]
+    if convs:
+        assert convs[0].out_channels == 6 and res.module.get_submodule("1").num_groups == 2
+    assert res.report.macs_after < res.report.macs_before
 
 
 def test_negative_index_into_split_output():

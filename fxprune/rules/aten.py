@@ -38,6 +38,7 @@ from .base import RULES, Rule, RuleContext, RewriteContext
 from .elementwise import Broadcast, Unary
 from .shape import PermuteRule, PermuteWithin, SplitRule, UnflattenRule, ExpandRule, tie_reshape, _patch_sizes
 from .reduce import tie_reduction
+from .norm import FunctionalGroupNorm, tie_group_norm
 
 __all__ = ["bind", "aten_overloads", "AtenConv", "AtenLinear", "AtenEmbedding", "AtenBatchNorm", "AtenGroupNorm",
            "AtenReduce", "AtenPermute", "AtenSplit", "AtenSlice", "AtenSelect", "AtenExpand", "AtenUnflatten",
@@ -463,25 +464,24 @@ class FunctionalBatchNorm(Rule):
                 _label(rc, p, 0, "norm")
 
 
-class AtenGroupNorm(Rule):
-    """aten.group_norm(input, num_groups, weight, bias): lossy; channels removed uniformly per group."""
+class AtenGroupNorm(FunctionalGroupNorm):
+    """aten.group_norm(input, num_groups, weight, bias, eps, cudnn_enabled): whole groups pruned exactly when
+    ``num_groups > 1`` (``num_groups`` patched on rewrite), lossy with one group; see
+    :func:`~fxprune.rules.norm.tie_group_norm`."""
 
     name = "aten.group_norm"
     example = staticmethod(_ex_groupnorm)
-    lossy = True
 
     def analyze(self, node, rc: RuleContext) -> None:
         a = bind(node)
         x = a["input"]
-        rc.tie_same_shape(x)
-        ch = rc.act(x, 1)
+        affine = []
         for pname in ("weight", "bias"):
             p = a.get(pname)
             if rc.is_tensor(p):
-                rc.tie(ch, rc.act(p, 0))
+                affine.append(rc.act(p, 0))
                 _label(rc, p, 0, "norm")
-        rc.lossy(ch, f"{node.name}: GroupNorm statistics span each group's channels")
-        rc.constrain(ch, Constraint("uniform", int(a["num_groups"]), f"{node.name} num_groups"))
+        tie_group_norm(rc, node, x, int(a["num_groups"]), affine, node.name, whole_groups=True)
 
 
 class AtenReduce(Rule):

@@ -103,15 +103,14 @@ def _whole(keep, size: int) -> bool:
 
 
 class GroupNormRule(Rule):
-    """``nn.GroupNorm``; see :func:`tie_group_norm`. ``whole_groups=False`` (the registered default, for
-    compatibility) treats every ``num_groups`` as lossy; ``True`` prunes whole groups exactly when
-    ``num_groups > 1``, as the functional rule does."""
+    """``nn.GroupNorm``; see :func:`tie_group_norm`. ``whole_groups=True`` (the registered default) prunes
+    whole groups exactly when ``num_groups > 1``, as the functional and ATen rules do; ``False`` treats every
+    ``num_groups`` as lossy (channels removed uniformly inside each group, needs ``allow_lossy``)."""
 
     name = "group_norm"
     example = staticmethod(ex_groupnorm)
-    lossy = True
 
-    def __init__(self, whole_groups: bool = False) -> None:
+    def __init__(self, whole_groups: bool = True) -> None:
         self.whole_groups = whole_groups
 
     def analyze(self, node, rc: RuleContext) -> None:
