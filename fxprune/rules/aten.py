@@ -33,10 +33,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir import Constraint
 from .base import RULES, Rule, RuleContext, RewriteContext
-from .elementwise import Broadcast, Unary
-from .shape import PermuteRule, PermuteWithin, SplitRule, UnflattenRule, ExpandRule, tie_reshape, _patch_sizes
+from .shape import PermuteRule, PermuteWithin, SplitRule, UnflattenRule, ExpandRule, _patch_sizes
 from .reduce import tie_reduction
 from .norm import FunctionalGroupNorm, tie_group_norm
 
@@ -909,7 +907,7 @@ _BINARY = ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub", "
 
 
 def _register() -> None:
-    from . import elementwise, shape, reduce as _red, attention, misc, norm
+    from . import elementwise, shape, reduce as _red, attention, misc, norm  # noqa: F401 (register the fx rules first)
 
     unary = RULES.functions[torch.relu]
     broadcast = RULES.functions[torch.add]
