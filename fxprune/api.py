@@ -10,17 +10,19 @@ nothing fxprune does can change it.
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import logging
 import time
+import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from . import meta
-from .errors import ConfigError, InputError, TraceError
+from .errors import ConfigError, FxpruneError, InputError, TraceError, UnsupportedOpError
 from .flops import count_cost
 from .ir import ChannelGroup, Selection
 from .passes import GroupChannels, ImportancePass, Rewrite, Select, Verify
@@ -28,6 +30,8 @@ from .passes.importance import IMPORTANCE, _named as named_importance
 from .pipeline import Context, Pass, Pipeline
 from .rules import RULES, Rule, RuleTable
 from .trace import copy_model, normalize_inputs, propagate_shapes, trace
+
+log = logging.getLogger(__name__)
 
 __all__ = ["compile", "CompileResult", "Report", "prepare", "register_module_rule", "register_function_rule",
            "register_method_rule"]
@@ -336,16 +340,33 @@ def compile(
     # -- work ---------------------------------------------------------------------------------------
     try:
         gm, inputs, capture_note = _prepare(model, inputs, leaf_modules, rules, frontend)
+        ctx = Context(model=model, example_inputs=inputs, original=gm, calib=calib, seed=seed)
+        ctx.extras["pipeline"] = pipe  # lets a criterion see the downstream Select (e.g. LASSO's exact count)
+        if capture_note:
+            ctx.notes.append(capture_note)
+        before = meta.get(gm, "cost")
+        out = pipe.run(gm, ctx, callback)
     except TraceError as exc:  # neither front end captures the whole model: prune what can be captured
         if frontend != "auto":
             raise
         return _compile_structured(model, example_inputs, "hierarchical", opts, why=exc)
-    ctx = Context(model=model, example_inputs=inputs, original=gm, calib=calib, seed=seed)
-    ctx.extras["pipeline"] = pipe  # lets a criterion see the downstream Select (e.g. LASSO's exact count)
-    if capture_note:
-        ctx.notes.append(capture_note)
-    before = meta.get(gm, "cost")
-    out = pipe.run(gm, ctx, callback)
+    except (UnsupportedOpError, InputError) as exc:
+        fn = _opaque_function(exc)
+        if frontend not in ("auto", "whole") or fn is None:
+            raise
+        # a library function symbolic tracing keeps whole (torch.fx.wrap) and no rule covers: torch.export
+        # traces through it into ATen ops, which have rules
+        log.info("%s on the fx path; capturing with torch.export instead", fn)
+        try:
+            res = compile(model, example_inputs, frontend="export", **opts)
+        except FxpruneError as exc2:
+            exc.add_note(f"fxprune also tried the torch.export front end (which traces through {fn}): "
+                         f"{type(exc2).__name__}: {str(exc2).splitlines()[0]}")
+            raise exc from None
+        why = str(exc).splitlines()[0]
+        res.report = dataclasses.replace(res.report, notes=res.report.notes + (
+            f"captured with torch.export (traced through {fn}) because the fx graph kept it whole: {why}",))
+        return res
     if out is gm:  # a pipeline without a rewrite still returns a module distinct from the original
         from .passes.rewrite import rewrite_graph
         from .passes.group import analyze_graph
@@ -357,6 +378,18 @@ def compile(
     selection = ctx.extras.get("selection") or Selection()
     report = _report(gm, out, before, after, analysis, selection, ctx, time.perf_counter() - t0)
     return CompileResult(out, report, gm, analysis, selection, pipe, ctx)
+
+
+def _opaque_function(exc: Exception) -> str | None:
+    """The name of the library/user Python function (kept whole by ``torch.fx.wrap``) at which the fx path
+    failed, or None if the failing node is anything else (a torch op, a module, a method)."""
+    node = getattr(exc, "node", None)
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not isinstance(node.target, types.FunctionType):
+        return None
+    mod = getattr(node.target, "__module__", "") or ""
+    if mod == "torch" or mod.startswith("torch.") or mod.startswith("fxprune"):
+        return None
+    return f"{mod}.{node.target.__name__}"
 
 
 def _structured_args(example_inputs: Any) -> bool:

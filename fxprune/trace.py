@@ -193,11 +193,13 @@ class _ShapeInterpreter(fx.Interpreter):
             from .errors import node_location
 
             where = node_location(n)
-            raise InputError(
+            err = InputError(
                 f"the model fails to run on the example inputs at node '{n.name}' "
                 f"({n.op} {getattr(n.target, '__name__', n.target)}): {type(exc).__name__}: {exc}"
                 + (f"\n  at {where}" if where else "")
-            ) from exc
+            )
+            err.node = n
+            raise err from exc
         _record(n, value)
         return value
 

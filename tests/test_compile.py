@@ -401,11 +401,48 @@ class Reordered(nn.Module):
 
 def test_unknown_op_raises_with_node_source_line_and_fix():
     with pytest.raises(fxprune.UnsupportedOpError) as ei:
-        fxprune.compile(Reordered(), img(), ratio=0.5)
+        fxprune.compile(Reordered(), img(), ratio=0.5, frontend="fx")  # (auto would trace through it: below)
     msg = str(ei.value)
     assert "node '_reorder_channels'" in msg
     assert "test_compile.py" in msg and "_reorder_channels(self.a(x))" in msg  # the user's source line
     assert "register_function_rule" in msg and "unknown_ops='block'" in msg
+
+
+def test_auto_traces_through_a_wrapped_function_with_torch_export():
+    """fx keeps a torch.fx.wrap'd Python function whole; with no rule for it, auto retries on the export path,
+    which traces through it into ATen ops (here a flip along the channels: that group is kept whole)."""
+    torch.manual_seed(0)
+    res = fxprune.compile(Reordered().eval(), img(), ratio=0.5, verify="equivalence")
+    assert any("traced through test_compile._reorder_channels" in n for n in res.report.notes)
+    assert res.report.macs_after < res.report.macs_before
+    assert res.module.get_parameter("a.weight").shape[0] == 8  # flipped channels: kept
+    assert res.module.get_parameter("c.weight").shape[0] == 3  # unrelated group: pruned
+
+
+def _reorder_if_positive(x):
+    return x.flip(1) if x.sum() > 0 else x  # data-dependent: torch.export cannot trace through it
+
+
+torch.fx.wrap("_reorder_if_positive")
+
+
+class Irreparable(nn.Module):
+    """A wrapped function whose channel behaviour no front end can see: the error names both attempts."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.b(_reorder_if_positive(self.a(x)))
+
+
+def test_wrapped_function_without_rule_and_export_failing_raises_the_fx_error():
+    with pytest.raises(fxprune.UnsupportedOpError) as ei:
+        fxprune.compile(Irreparable(), img(), ratio=0.5)
+    assert "node '_reorder_if_positive'" in str(ei.value)
+    assert any("also tried the torch.export front end" in n for n in getattr(ei.value, "__notes__", []))
 
 
 def test_unknown_op_in_block_mode_blocks_and_reports():
@@ -435,7 +472,7 @@ class CustomOp(nn.Module):
 
 def test_custom_function_is_unknown_until_registered():
     with pytest.raises(fxprune.UnsupportedOpError, match="_custom"):
-        fxprune.compile(CustomOp(), img(), ratio=0.5)
+        fxprune.compile(CustomOp(), img(), ratio=0.5, frontend="fx")
     table = fxprune.RuleTable()
     table.modules, table.methods = dict(fxprune.RULES.modules), dict(fxprune.RULES.methods)
     table.functions = dict(fxprune.RULES.functions)
