@@ -362,3 +362,24 @@ def test_export_keeps_image_sizes_static_unless_asked():
     net.fxprune_dynamic_shapes = True
     res = fxprune.compile(net, torch.randn(2, 3, 8, 8), ratio=0.5, frontend="export", verify="equivalence")
     assert res.module(torch.randn(1, 3, 12, 10)).shape[0] == 1  # and, when asked, another image size
+
+
+class TensorSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(5, 4, 1)
+        self.d = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        p, q, r = torch.tensor_split(self.a(x), [3, 8], dim=1)  # pieces of 3, 5 and 4 channels
+        return self.b(p) + self.c(q) + self.d(r)
+
+
+def test_tensor_split_on_the_export_path():
+    torch.manual_seed(0)
+    res = fxprune.compile(TensorSplit().eval(), torch.randn(2, 3, 5, 5), ratio=0.5, frontend="export",
+                          verify="equivalence")
+    assert res.module.get_parameter("a.weight").shape[0] < 12
+    assert res.module(torch.randn(1, 3, 5, 5)).shape == (1, 4, 5, 5)

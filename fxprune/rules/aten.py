@@ -927,7 +927,7 @@ def _register() -> None:
     _reg(["repeat"], RULES.methods["repeat"])
     _reg(["cat", "concat", "concatenate"], _fn_rule(torch.cat))
     _reg(["stack"], _fn_rule(torch.stack))
-    _reg(["split", "split_with_sizes", "chunk", "unbind", "split_copy", "split_with_sizes_copy", "unsafe_split",
+    _reg(["split", "split_with_sizes", "tensor_split", "chunk", "unbind", "split_copy", "split_with_sizes_copy", "unsafe_split",
           "unsafe_chunk"], AtenSplit())
     _reg(["narrow", "narrow_copy"], _fn_rule(torch.narrow))
     _reg(["slice", "slice_copy"], AtenSlice())
