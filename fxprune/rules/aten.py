@@ -37,6 +37,7 @@ from .base import RULES, Rule, RuleContext, RewriteContext
 from .shape import PermuteRule, PermuteWithin, SplitRule, UnflattenRule, ExpandRule, _patch_sizes
 from .reduce import tie_reduction
 from .norm import FunctionalGroupNorm, tie_group_norm
+from .attention import tie_repeat_interleave
 
 __all__ = ["bind", "aten_overloads", "AtenConv", "AtenLinear", "AtenEmbedding", "AtenBatchNorm", "AtenGroupNorm",
            "AtenReduce", "AtenPermute", "AtenSplit", "AtenSlice", "AtenSelect", "AtenExpand", "AtenUnflatten",
@@ -781,15 +782,7 @@ class AtenRepeatInterleave(Rule):
         x, r, dim = a.get("self"), a.get("repeats"), a.get("dim")
         if x is None or dim is None or not isinstance(r, int):
             return  # flattened or tensor repeats: pinned
-        nd = len(rc.shape(x))
-        dim %= nd
-        for d in range(nd):
-            if d == dim:
-                o = rc.out(d)
-                pos = np.arange(o.size)
-                rc.tie_map(rc.act(x, d), pos // r, o, pos)
-            else:
-                rc.tie(rc.act(x, d), rc.out(d))
+        tie_repeat_interleave(rc, x, r, dim)
 
 
 class AtenPixelShuffle(Rule):

@@ -406,10 +406,6 @@ class AtenUnflattenHeads(UnflattenRule):
         tie_reshape_heads(rc, node, node.args[0])
 
     def rewrite_node(self, node, old, rw) -> None:
-        from .aten import _set_arg, bind
+        from .aten import AtenUnflatten
 
-        a = bind(old)
-        shp = rw.new_shape(old)
-        d = a["dim"] % len(old.args[0].meta["tensor_meta"].shape)
-        sizes = bind(node)["sizes"]
-        _set_arg(node, "sizes", list(_patch_sizes(tuple(sizes), tuple(shp[d : d + len(sizes)]))))
+        AtenUnflatten.rewrite_node(self, node, old, rw)  # literal sizes patched the same way

@@ -166,15 +166,21 @@ class RepeatInterleaveRule(Rule):
             return
         if node.kwargs.get("output_size") is not None or len(node.args) > 3:
             return
-        nd = len(rc.shape(x))
-        dim %= nd
-        for d in range(nd):
-            if d == dim:
-                o = rc.out(d)
-                pos = np.arange(o.size)
-                rc.tie_map(rc.act(x, d), pos // r, o, pos)
-            else:
-                rc.tie(rc.act(x, d), rc.out(d))
+        tie_repeat_interleave(rc, x, r, dim)
+
+
+def tie_repeat_interleave(rc: RuleContext, x, r: int, dim: int) -> None:
+    """``repeat_interleave(x, r, dim)``: output position p along ``dim`` is input position p // r (a k/v
+    head and the query heads that share it move together); the other dims pass through."""
+    nd = len(rc.shape(x))
+    dim %= nd
+    for d in range(nd):
+        if d == dim:
+            o = rc.out(d)
+            pos = np.arange(o.size)
+            rc.tie_map(rc.act(x, d), pos // r, o, pos)
+        else:
+            rc.tie(rc.act(x, d), rc.out(d))
 
 
 RULES.register_function(F.scaled_dot_product_attention, SdpaRule())
