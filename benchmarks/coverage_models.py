@@ -145,7 +145,7 @@ def build(suite: str, name: str, size: int | None, seed: int) -> tuple[nn.Module
                 side = size or 128
                 inputs = (torch.randn(1, 3, side, side, generator=g), torch.randn(1, 3, side, side, generator=g))
             else:  # video
-                t, side = (16, 224) if base.startswith("mvit") else (8, size or (112 if base == "s3d" else 64))
+                t, side = (16, 224) if base.startswith("mvit") or base == "s3d" else (8, size or 64)
                 if base.startswith("swin3d"):
                     side = size or 112
                 inputs = (torch.randn(1, 3, t, side, side, generator=g),)
@@ -357,6 +357,21 @@ def _render(rows: list[dict[str, Any]], elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def _merge(files: list[str], out: str | None) -> list[dict[str, Any]]:
+    import json
+
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for f in files:
+        for r in json.loads(open(f).read()):
+            rows[(r["suite"], r["model"])] = r
+    merged = list(rows.values())
+    text = _render(merged, 0.0).replace("Benchmark wall time 0.0 min.", "Rows merged from runs in: " + ", ".join(
+        os.path.basename(f) for f in files) + " (a later run's row replaces an earlier one's).")
+    common.write_results(NAME, text, merged, out)
+    print(text)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suites", default="detection,segmentation,optical_flow,video,timm")
@@ -369,7 +384,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--core", action="store_true", help="also prune detection models' backbone+FPN+head as one graph")
+    p.add_argument("--merge", default="", help="comma-separated result .json files: render one table from their rows "
+                   "(a later file's row replaces an earlier one's for the same model) instead of running")
     args = p.parse_args(argv)
+    if args.merge:
+        return _merge([f.strip() for f in args.merge.split(",") if f.strip()], args.out)
     want = {s.strip() for s in args.models.split(",") if s.strip()}
     drop = {s.strip() for s in args.exclude.split(",") if s.strip()}
     tools = tuple(t.strip() for t in args.tools.split(","))
