@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
@@ -345,6 +346,20 @@ def _elementwise_output(target: Any, args: tuple, kwargs: dict) -> torch.Tensor 
     return _meta_like(t0)
 
 
+def _batch_norm_output(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.batch_norm`` (timm's BatchNormAct2d) keeps its input's shape: skip its prims decomposition
+    (about 1 ms a call on meta tensors) once the per-channel tensors are checked to match."""
+    x = args[0] if args else kwargs.get("input")
+    if not (isinstance(x, torch.Tensor) and x.device.type == "meta" and 2 <= x.dim() <= 5):
+        return None
+    names = ("running_mean", "running_var", "weight", "bias")
+    per_channel = [args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names, start=1)]
+    if any(t is not None and not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == x.shape[1]
+                                  and t.dtype == x.dtype) for t in per_channel):
+        return None
+    return _meta_like(x)
+
+
 class _MetaInterpreter(_ShapeInterpreter):
     """Runs ``gm`` with meta-device parameters/buffers substituted in; records metadata on its nodes.
 
@@ -363,6 +378,8 @@ class _MetaInterpreter(_ShapeInterpreter):
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = _elementwise_output(target, args, kwargs)
+        if out is None and target is F.batch_norm:
+            out = _batch_norm_output(args, kwargs)
         return out if out is not None else super().call_function(target, args, kwargs)
 
 
