@@ -11,6 +11,8 @@ nothing fxprune does can change it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import logging
 import time
 import types
@@ -234,6 +236,26 @@ def _check_ignore(model: nn.Module, ignore: Iterable[str]) -> tuple[str, ...]:
     return tuple(ignore)
 
 
+def _fewer_gc_passes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with Python's cyclic GC triggered less often (restored afterwards).
+
+    Tracing and analysis allocate hundreds of thousands of small objects; with the default thresholds the
+    collector re-walks the whole heap (the model, the graphs) many times a compile. Measured A/B in one
+    process, medians of 9: timm densenet121 compile 1.33x faster, efficientnet_b0 1.21x, resnet50d 0.96x."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        old = gc.get_threshold()
+        gc.set_threshold(max(old[0], 50_000), *old[1:])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.set_threshold(*old)
+
+    return wrapper
+
+
+@_fewer_gc_passes
 def compile(
     model: nn.Module,
     example_inputs: Any,
