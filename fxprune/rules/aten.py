@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RULES, Rule, RuleContext, RewriteContext
-from .shape import PermuteRule, PermuteWithin, SplitRule, UnflattenRule, ExpandRule, _patch_sizes
+from .shape import PermuteRule, PermuteWithin, SplitRule, UnflattenRule, ExpandRule, _patch_sizes, tie_split
 from .reduce import tie_reduction
 from .norm import FunctionalGroupNorm, tie_group_norm
 from .attention import tie_repeat_interleave
@@ -563,22 +563,10 @@ class AtenSplit(SplitRule):
 
     def analyze(self, node, rc: RuleContext) -> None:
         x = node.args[0]
-        shp = rc.shape(x)
-        dim = self._dim(node) % len(shp)
+        dim = self._dim(node) % len(rc.shape(x))
         unbind = "unbind" in node.target._schema.name
-        tm = node.meta["tensor_meta"]
-        offset = 0
-        for i, m in enumerate(tm):
-            s = 1 if unbind else m.shape[dim]
-            for d in range(len(shp)):
-                if d == dim:
-                    if unbind:
-                        rc.pin(rc.act(x, d), "unbind selects single positions")
-                    else:
-                        rc.tie_slice(rc.act(x, d), offset, rc.out(d, i))
-                else:
-                    rc.tie(rc.act(x, d), rc.out(d if (not unbind or d < dim) else d - 1, i))
-            offset += s
+        sizes = [1 if unbind else m.shape[dim] for m in node.meta["tensor_meta"]]
+        tie_split(rc, x, dim, sizes, unbind)
 
     def rewrite_node(self, node, old, rw: RewriteContext) -> None:
         if "unbind" in old.target._schema.name:

@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from ..trace import shape_of
 from .base import RewriteContext, RuleContext
-from .shape import ViewRule, UnflattenRule, match_dims, _patch_sizes
+from .shape import ViewRule, UnflattenRule, match_dims, tie_reshape, _patch_sizes
 
 __all__ = ["channel_digits", "AtenView", "AtenUnflattenHeads", "tie_reshape_heads"]
 
@@ -286,48 +286,25 @@ def _choose(node: fx.Node, outs: list[int], digits: dict[int, tuple[int, int] | 
 def tie_reshape_heads(rc: RuleContext, node: fx.Node, x: fx.Node) -> None:
     """:func:`fxprune.rules.shape.tie_reshape`, with splits following the factor that carries channels."""
     a, b = rc.shape(x), rc.out_shape()
-    if 0 in a:
-        return
     memo: dict = {}
     shuffle = _feeds_shuffle(node)
-    for ins, outs in match_dims(a, b):
-        ins_nt = [d for d in ins if a[d] > 1]
-        outs_nt = [d for d in outs if b[d] > 1]
-        for d in ins:
-            if a[d] == 1:
-                rc.free(rc.act(x, d))
-        for d in outs:
-            if b[d] == 1:
-                rc.free(rc.out(d))
-        if not ins_nt:
-            continue
-        xa = [rc.act(x, d) for d in ins_nt]
-        oa = [rc.out(d) for d in outs_nt]
-        prefer = None
-        if len(oa) > 1:
-            if shuffle and len(xa) == 1:
-                prefer = len(oa) - 1
-            else:
-                prefer = _choose(node, outs_nt, _group_digits(node, ins, outs, a, b, memo, 0))
-                if prefer is None and len(xa) == 1:
-                    prefer = 0
-        if len(xa) == 1 and len(oa) == 1:
-            rc.tie(xa[0], oa[0])
-        elif len(xa) == 1:
-            rc.tie_product(xa[0], oa, prefer=prefer)
-        elif len(oa) == 1:
-            # merging dims none of which carries channels yet (a key padding mask (B, H, 1, L) expanded
-            # over heads, flattened to B*H): follow a broadcast factor, which can take any identity, so the
-            # merged dim can later tie to the heads of the scores it is added to
-            prefer = None
-            if not any(ax.key in rc.table.live for ax in xa):
-                bc = [i for i, d in enumerate(ins_nt) if _is_broadcast(x, d)]
-                prefer = bc[-1] if bc else None
-            rc.tie_product(oa[0], xa, prefer=prefer)
-        else:
-            v = rc.virtual(f"reshape{ins_nt}", int(np.prod([ax.size for ax in xa])))
-            rc.tie_product(v, xa)
-            rc.tie_product(v, oa, prefer=prefer)
+
+    def split_prefer(ins, outs, ins_nt, outs_nt, n_in) -> int | None:
+        if shuffle and n_in == 1:
+            return len(outs_nt) - 1
+        prefer = _choose(node, outs_nt, _group_digits(node, ins, outs, a, b, memo, 0))
+        return 0 if prefer is None and n_in == 1 else prefer
+
+    def merge_prefer(ins_nt, xa) -> int | None:
+        # merging dims none of which carries channels yet (a key padding mask (B, H, 1, L) expanded over
+        # heads, flattened to B*H): follow a broadcast factor, which can take any identity, so the merged
+        # dim can later tie to the heads of the scores it is added to
+        if any(ax.key in rc.table.live for ax in xa):
+            return None
+        bc = [i for i, d in enumerate(ins_nt) if _is_broadcast(x, d)]
+        return bc[-1] if bc else None
+
+    tie_reshape(rc, x, None, split_prefer, merge_prefer)
 
 
 def _patch_symbolic_sizes(node: fx.Node, old: fx.Node, sizes: Any, rw: RewriteContext, arg: str) -> None:

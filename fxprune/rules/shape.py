@@ -13,7 +13,7 @@ from ..trace import is_multi
 
 import builtins
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -62,8 +62,15 @@ def match_dims(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], 
     return groups
 
 
-def tie_reshape(rc: RuleContext, x: fx.Node, out_index: int | None = None) -> None:
-    """Tie a reshape's input dims to its output dims (any view/reshape/flatten/squeeze)."""
+def tie_reshape(rc: RuleContext, x: fx.Node, out_index: int | None = None,
+                split_prefer: Callable[..., int | None] | None = None,
+                merge_prefer: Callable[..., int | None] | None = None) -> None:
+    """Tie a reshape's input dims to its output dims (any view/reshape/flatten/squeeze).
+
+    Where one group of input dims splits into several output dims, the channels follow one factor:
+    ``split_prefer(ins, outs, ins_nt, outs_nt, n_in)`` may name it (an index into ``outs_nt``); by default a
+    single dim follows its outer factor (whole blocks, e.g. attention heads), or the inner one when the
+    reshape starts a channel shuffle. ``merge_prefer(ins_nt, xa)`` may name the factor a merged dim follows."""
     a, b = rc.shape(x), rc.out_shape(out_index)
     if 0 in a:
         return
@@ -83,15 +90,20 @@ def tie_reshape(rc: RuleContext, x: fx.Node, out_index: int | None = None) -> No
         if len(xa) == 1 and len(oa) == 1:
             rc.tie(xa[0], oa[0])
         elif len(xa) == 1:
-            # channel shuffle (view -> transpose -> view): units are "channel j of every group", which
-            # keeps the shuffle valid after pruning; otherwise whole outer blocks (e.g. attention heads)
-            rc.tie_product(xa[0], oa, prefer=len(oa) - 1 if _feeds_shuffle(rc.node) else 0)
+            if split_prefer is not None:
+                prefer = split_prefer(ins, outs, ins_nt, outs_nt, 1)
+            else:
+                # channel shuffle (view -> transpose -> view): units are "channel j of every group", which
+                # keeps the shuffle valid after pruning; otherwise whole outer blocks (e.g. attention heads)
+                prefer = len(oa) - 1 if _feeds_shuffle(rc.node) else 0
+            rc.tie_product(xa[0], oa, prefer=prefer)
         elif len(oa) == 1:
-            rc.tie_product(oa[0], xa)
+            rc.tie_product(oa[0], xa, prefer=merge_prefer(ins_nt, xa) if merge_prefer is not None else None)
         else:
             v = rc.virtual(f"reshape{ins_nt}", int(np.prod([ax.size for ax in xa])))
             rc.tie_product(v, xa)
-            rc.tie_product(v, oa)
+            prefer = split_prefer(ins, outs, ins_nt, outs_nt, len(xa)) if split_prefer is not None else None
+            rc.tie_product(v, oa, prefer=prefer)
 
 
 _PERMUTES = ("permute", "transpose", torch.permute, torch.transpose)
@@ -424,6 +436,24 @@ def _split_sizes(node: fx.Node, rc_shape: tuple[int, ...]) -> tuple[int, list[in
     return dim % len(rc_shape), sizes
 
 
+def tie_split(rc: RuleContext, x: fx.Node, dim: int, sizes: list[int], unbind: bool) -> None:
+    """Output ``i`` of a split of ``x`` along ``dim`` into pieces of ``sizes`` is the slice starting at the
+    sum of the earlier sizes; the other dims pass through. ``unbind`` (pieces of 1, ``dim`` dropped) selects
+    single positions, so ``dim`` is pinned."""
+    nd = len(rc.shape(x))
+    offset = 0
+    for i, s in enumerate(sizes):
+        for d in range(nd):
+            if d == dim:
+                if unbind:
+                    rc.pin(rc.act(x, d), "unbind selects single positions")
+                else:
+                    rc.tie_slice(rc.act(x, d), offset, rc.out(d, i))
+            else:
+                rc.tie(rc.act(x, d), rc.out(d if (not unbind or d < dim) else d - 1, i))
+        offset += s
+
+
 class SplitRule(Rule):
     """split / chunk / unbind (tuple outputs); literal split sizes are patched on rewrite."""
 
@@ -432,20 +462,8 @@ class SplitRule(Rule):
 
     def analyze(self, node, rc: RuleContext) -> None:
         x = rc.arg(0, "input")
-        shp = rc.shape(x)
-        dim, sizes = _split_sizes(node, shp)
-        unbind = node.target in ("unbind", torch.unbind)
-        offset = 0
-        for i, s in enumerate(sizes):
-            for d in range(len(shp)):
-                if d == dim:
-                    if unbind:
-                        rc.pin(rc.act(x, d), "unbind selects single positions")
-                    else:
-                        rc.tie_slice(rc.act(x, d), offset, rc.out(d, i))
-                else:
-                    rc.tie(rc.act(x, d), rc.out(d if (not unbind or d < dim) else d - 1, i))
-            offset += s
+        dim, sizes = _split_sizes(node, rc.shape(x))
+        tie_split(rc, x, dim, sizes, unbind=node.target in ("unbind", torch.unbind))
 
     def rewrite_node(self, node, old, rw: RewriteContext) -> None:
         if old.target in ("unbind", torch.unbind):
