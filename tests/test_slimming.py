@@ -17,13 +17,7 @@ from fxprune.testing import assert_model_unchanged, snapshot
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is much faster than several on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 class VGGish(nn.Module):
     def __init__(self, widths=(6, 8, 10)) -> None:
