@@ -31,7 +31,8 @@ from .passes import GroupChannels, ImportancePass, Rewrite, Select, Verify
 from .passes.importance import IMPORTANCE, _named as named_importance
 from .pipeline import Context, Pass, Pipeline
 from .rules import RULES, Rule, RuleTable
-from .trace import copy_model, normalize_inputs, propagate_shapes, trace
+from .shapes import propagate_shapes
+from .trace import copy_model, normalize_inputs, trace
 
 log = logging.getLogger(__name__)
 

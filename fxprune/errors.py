@@ -17,6 +17,7 @@ __all__ = [
     "UnsupportedOpError",
     "PipelineError",
     "VerificationError",
+    "MissingShapeMetaError",
     "node_location",
 ]
 
@@ -43,6 +44,10 @@ class PipelineError(FxpruneError):
 
 class VerificationError(FxpruneError):
     """The pruned module does not match its specification (shapes or the masked reference)."""
+
+
+class MissingShapeMetaError(FxpruneError, ValueError):
+    """A costed node (or one of its tensor arguments) carries no ``tensor_meta``."""
 
 
 def node_location(node: Any) -> str:

@@ -30,9 +30,10 @@ import weakref
 from typing import Any
 
 import torch.fx as fx
+from torch.fx.passes.shape_prop import TensorMetadata
 
-__all__ = ["KEYS", "get", "put", "has", "tensor_meta", "concrete_value", "set_concrete_value", "stack_trace",
-           "set_source_finder", "copy_source_finder"]
+__all__ = ["KEYS", "get", "put", "has", "drop", "tensor_meta", "shape_of", "is_multi", "concrete_value",
+           "set_concrete_value", "stack_trace", "set_source_finder", "copy_source_finder"]
 
 #: Graph-level keys a pass may declare in ``reads``/``writes``.
 KEYS = ("shapes", "groups", "importance", "selection", "cost")
@@ -69,6 +70,23 @@ def tensor_meta(node: Any) -> Any:
     if not isinstance(node, fx.Node):
         return None
     return node.meta.get("tensor_meta")
+
+
+def is_multi(tm: Any) -> bool:
+    """True when ``tm`` is the metadata of a tuple output (TensorMetadata itself is a NamedTuple)."""
+    return isinstance(tm, (tuple, list)) and not isinstance(tm, TensorMetadata)
+
+
+def shape_of(node: Any, index: int | None = None) -> tuple[int, ...] | None:
+    """Static shape of ``node``'s output (``index`` selects an item of a tuple output)."""
+    tm = tensor_meta(node)
+    if tm is None:
+        return None
+    if not is_multi(tm):
+        return tuple(tm.shape) if index is None else None
+    if index is None or index >= len(tm) or tm[index] is None:
+        return None
+    return tuple(tm[index].shape)
 
 
 # GraphModule -> finder (or its cached result). Kept outside gm.meta so that modules stay picklable.

@@ -161,7 +161,7 @@ def groups_graph(obj: Any, analysis: Any = None, selection: Any = None) -> nx.Di
     None), ``dim``, ``groups`` (ids of every group with units on this node), ``group`` (the group drawn:
     the one covering most positions), ``color``, ``label``, ``tooltip``.
     """
-    from .trace import shape_of
+    from .meta import shape_of
     from .ir import Selection
 
     gm, analysis, selection = _parts(obj, analysis, selection)

@@ -17,7 +17,7 @@ from torch import nn
 import fxprune
 from fxprune.errors import ConfigError, TraceError
 from fxprune.rules import RULES
-from fxprune.rules.aten import ExportOnly
+from fxprune.testing.examples.exported import ExportOnly
 from fxprune.testing import assert_prune_equivalent, random_selection
 
 from models import Concat, Residual, Split  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -255,8 +255,9 @@ def test_frontend_option():
 
 
 def test_every_aten_rule_example_needs_the_export_front_end():
-    aten_rules = {id(r): r for key, r in RULES.functions.items() if isinstance(key, torch._ops.OpOverload)}
-    examples = {r.example for r in aten_rules.values() if r.example is not None and r.name.startswith("aten.")}
+    from fxprune.testing.examples import EXAMPLES
+
+    examples = {f for name, fs in EXAMPLES.items() if name.startswith("aten.") for f in fs}
     assert len(examples) >= 8
     for ex in examples:
         model, inputs = ex()

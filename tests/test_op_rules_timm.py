@@ -283,9 +283,18 @@ def test_functional_depthwise_and_grouped_conv():
     for seed in range(2):
         chk = assert_prune_equivalent(M(8), img(), lambda a, s=seed: random_selection(a, s, ratio=0.5))
         assert chk.selection.keep and "groups = 4" not in chk.module.code
+    # grouped, not depthwise, with a parameter weight: pruned uniformly across the 2 groups (one conv
+    # meaning for every spelling), the weight gathered per group block
     res = fxprune.compile(M(2), img(), ratio=0.5, verify="equivalence")
-    assert kept(res, "a") == 8 and res.module.k.shape == (8, 4, 3, 3)  # grouped, not depthwise: pinned
-    assert any("grouped functional convolution" in why for _, why in res.report.blocked)
+    assert kept(res, "a") == 4 and res.module.k.shape == (4, 2, 3, 3)
+    # a grouped conv of a weight computed at run time cannot be gathered: pinned, and said
+    class Computed(M):
+        def forward(self, x):
+            return self.b(F.conv2d(self.a(x), self.k * 2.0, None, 1, 1, 1, self.groups))
+
+    res = fxprune.compile(Computed(2), img(), ratio=0.5, verify="equivalence")
+    assert kept(res, "a") == 8
+    assert any("grouped convolution of a computed weight" in why for _, why in res.report.blocked)
 
 
 # ---------------------------------------------------------------------------------------------------------

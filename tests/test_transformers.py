@@ -18,7 +18,7 @@ from torch import nn
 
 import fxprune
 from fxprune.modules import PrunedMultiheadAttention
-from fxprune.rules.aten_heads import channel_digits
+from fxprune.rules.heads import channel_digits
 
 FRONTENDS = ("fx", "export")
 A = torch.ops.aten
@@ -449,7 +449,7 @@ def test_hidden_size_of_an_encoder_with_allow_lossy(frontend):
 
 def test_channel_digits_on_multihead_attention_graph():
     from fxprune.export import export_graph
-    from fxprune.trace import propagate_shapes
+    from fxprune.shapes import propagate_shapes
 
     model = nn.MultiheadAttention(8, 4).eval()  # seq-first: (L, B, E) -> (L, B*H, d) -> (B, H, L, d)
 

@@ -52,38 +52,16 @@ from .. import meta
 from ..errors import ConfigError, PipelineError
 from ..ir import ChannelGroup, ParamSlice, Selection, member_units
 from ..pipeline import Context, Pass, PassResult
-from ..rules import RULES, RuleTable, elementwise, norm, reduce, shape
-from ..rules.base import Rule, _lookup_tensor
-from ..trace import shape_of
+from ..rules import RULES, RuleTable
+from ..rules.base import Rule, lookup_tensor
+from ..meta import shape_of
 
-__all__ = ["AbsorbConstants", "Absorbed", "apply_absorbed", "plan_absorption", "register_channel_local",
-           "CHANNEL_LOCAL_RULES", "POSITIONAL_RULES"]
+__all__ = ["AbsorbConstants", "Absorbed", "apply_absorbed", "plan_absorption"]
 
 log = logging.getLogger(__name__)
 
-#: Rules whose output at a unit's positions is a copy of the same unit's positions of the inputs that
-#: carry it (pure data movement); inputs that do not carry the unit are irrelevant (concat pieces).
-POSITIONAL_RULES: list[type] = [
-    shape.ViewRule, shape.ExpandRule, shape.RepeatRule, shape.FlattenRule, shape.UnflattenRule,
-    shape.PermuteRule, shape.CatRule, shape.StackRule, shape.SplitRule, shape.NarrowRule, shape.GetItemRule,
-]
-#: Rules whose output at a unit's positions depends only on the unit's positions of their inputs (plus
-#: tensors read whole, which must then be input-independent): element-wise ops, pooling, per-channel norms,
-#: reductions and softmax over other dims.
-CHANNEL_LOCAL_RULES: list[type] = [
-    elementwise.Unary, elementwise.Broadcast, elementwise.PReLURule, norm.PerChannelNorm, norm.PoolRule,
-    reduce.ReduceRule, reduce.DimwiseRule,
-]
 # secondary tensor arguments that are read for their shape/dtype only
 _SHAPE_ONLY = {"type_as", "to", "view_as", "reshape_as", "expand_as"}
-
-
-def register_channel_local(rule_type: type, positional: bool = False) -> None:
-    """Declare that ``rule_type`` (a :class:`~fxprune.rules.Rule` subclass) is channel-local, so a constant
-    channel stays constant through it (``positional``: it only moves positions, like a reshape)."""
-    if not (isinstance(rule_type, type) and issubclass(rule_type, Rule)):
-        raise ConfigError(f"register_channel_local expects a Rule subclass, got {rule_type!r}")
-    (POSITIONAL_RULES if positional else CHANNEL_LOCAL_RULES).append(rule_type)
 
 
 @dataclass(frozen=True)
@@ -215,10 +193,9 @@ class _Constancy:
         rule = self.rules.lookup(self.gm, node)
         if rule is None:
             return False
-        if isinstance(rule, tuple(POSITIONAL_RULES)):
-            return self._inputs_ok(node, unit, positional=True)
-        if isinstance(rule, tuple(CHANNEL_LOCAL_RULES)):
-            return self._inputs_ok(node, unit, positional=False)
+        where = rule.locality(node)  # the op family's knowledge (fxprune.rules.base.Rule.local)
+        if where in ("positional", "channel_local"):
+            return self._inputs_ok(node, unit, positional=where == "positional")
         return False
 
 
@@ -260,7 +237,7 @@ def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: set[int
         mine = np.isin(units, np.fromiter(removed, dtype=np.int64, count=len(removed)))
         if not mine.any():
             continue
-        t = _lookup_tensor(gm, ps.param)[0].detach()
+        t = lookup_tensor(gm, ps.param)[0].detach()
         try:  # only the removed units' rows are read (a full pass over a big weight costs as much as scoring)
             rows = ps.span.indices()[mine]
             vals = t.index_select(ps.dim, torch.as_tensor(rows.reshape(-1))).movedim(ps.dim, 0)

@@ -58,7 +58,7 @@ from .. import meta
 from ..errors import ConfigError, InputError
 from ..ir import ChannelGroup, ChannelRef, member_units
 from ..pipeline import Context, PassResult
-from ..rules.base import _lookup_tensor
+from ..rules.base import lookup_tensor
 from .importance import ImportancePass, normalize_scores, register_importance, slice_values, store_scores
 
 __all__ = ["TaylorImportance", "HessianImportance", "calib_batches", "LOSSES"]
@@ -373,7 +373,7 @@ class TaylorImportance(_GradientImportance):
     def _weight(self, gm, groups, ctx):
         work = self._work(gm)
         names = self._param_names(groups)
-        params = [_lookup_tensor(work, n)[0] for n in names]
+        params = [lookup_tensor(work, n)[0] for n in names]
         for p in params:
             p.requires_grad_(True)
         acc = [torch.zeros_like(p) for p in params]
@@ -459,7 +459,7 @@ class HessianImportance(_GradientImportance):
     def fisher(self, gm: fx.GraphModule, names: list[str], ctx: Context) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Empirical Fisher diagonal of the named parameters of ``gm`` (and the number of terms)."""
         work = self._work(gm)
-        params = [_lookup_tensor(work, n)[0] for n in names]
+        params = [lookup_tensor(work, n)[0] for n in names]
         for p in params:
             p.requires_grad_(True)
         acc = [torch.zeros_like(p) for p in params]

@@ -12,8 +12,6 @@ keep masks for the rewrite.
 
 from __future__ import annotations
 
-from ..trace import is_multi
-
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
@@ -25,10 +23,10 @@ import torch.fx as fx
 from .. import meta
 from ..errors import ConfigError, UnsupportedOpError, node_location
 from ..ir import ChannelGroup, ChannelRef, Constraint, Explicit, ParamSlice, Selection, Span, fit_index_map
+from ..meta import is_multi, shape_of
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
-from ..rules.base import AxisTable, RuleContext, _lookup_tensor, op_key
-from ..trace import shape_of
+from ..rules.base import AxisTable, RuleContext, is_state, op_key
 
 __all__ = ["Analysis", "analyze_graph", "GroupChannels", "components"]
 
@@ -113,6 +111,7 @@ def _tensors_in(x: Any) -> list[fx.Node]:
 
 def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTable) -> list[str]:
     notes: list[str] = []
+    attrs: list[fx.Node] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if shape_of(node) is not None:
@@ -134,22 +133,7 @@ def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTa
                         rc.pin(ax, "network output")
             continue
         if node.op == "get_attr":
-            rc = RuleContext(table, gm, node, "get_attr")
-            shp = shape_of(node)
-            if shp is None:
-                continue
-            try:
-                _, _ = _lookup_tensor(gm, str(node.target))
-                owner, _, attr = str(node.target).rpartition(".")
-                mod = gm.get_submodule(owner) if owner else gm
-                is_state = attr in mod._parameters or attr in mod._buffers
-            except (AttributeError, ValueError):
-                is_state = False
-            for d in range(len(shp)):
-                if is_state:
-                    rc.tie(rc.out(d), rc.param(str(node.target), d, "other"))
-                else:
-                    rc.pin(rc.out(d), "constant tensor attribute")
+            attrs.append(node)  # tied after every rule ran (a rule may give a parameter dim a grouped view)
             continue
         rule = rules.lookup(gm, node)
         key = op_key(gm, node)
@@ -175,7 +159,31 @@ def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTa
             notes.append(f"blocked at {node.name}: rule {rule.name} failed: {exc}")
             continue
         rc.finish()
+    for node in attrs:
+        _tie_attribute(gm, node, table)
     return notes
+
+
+def _tie_attribute(gm: fx.GraphModule, node: fx.Node, table: AxisTable) -> None:
+    """A ``get_attr`` value is its parameter/buffer, dim for dim (a constant tensor attribute is pinned); a
+    dim a rule gave a grouped view is left to that rule, and a role a rule stated is kept."""
+    rc = RuleContext(table, gm, node, "get_attr")
+    shp = shape_of(node)
+    if shp is None:
+        return
+    qual = str(node.target)
+    state = is_state(gm, qual)
+    for d in range(len(shp)):
+        if not state:
+            rc.pin(rc.out(d), "constant tensor attribute")
+            continue
+        key = ("p", qual, d)
+        ax = table.axes.get(key)
+        if ax is None:
+            ax = rc.param(qual, d, "other")
+        elif ax.size != shp[d]:
+            continue  # a grouped view (see fxprune.rules.conv)
+        rc.tie(rc.out(d), ax)
 
 
 def _block_node(gm: fx.GraphModule, node: fx.Node, table: AxisTable, reason: str) -> None:
@@ -278,8 +286,15 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
                 if block:
                     block_reason.setdefault(int(g), reason)
     lossy_reason: dict[int, str] = {}
-    for ids, reason in table.lossy:
-        for g in np.unique(group_of[labels[ids]]):
+    for ids, reason, pin_unless_allowed in table.lossy:
+        labs = labels[ids]
+        if pin_unless_allowed and not allow_lossy:  # an op that reads these channels: they stay
+            pinned[labs] = True
+            for g in np.unique(group_of[labs]):
+                if g >= 0:
+                    pin_reason.setdefault(int(g), f"{reason} (pass allow_lossy=True to prune through it)")
+            continue
+        for g in np.unique(group_of[labs]):
             if g >= 0:
                 lossy_reason.setdefault(int(g), reason)
 

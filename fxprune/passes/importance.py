@@ -21,7 +21,7 @@ from .. import meta
 from ..errors import ConfigError
 from ..ir import ChannelGroup, ParamSlice, Span, member_units
 from ..pipeline import Context, Pass, PassResult
-from ..rules.base import _lookup_tensor
+from ..rules.base import lookup_tensor
 
 __all__ = [
     "ImportancePass",
@@ -121,7 +121,7 @@ class ImportancePass(Pass):
 
         def tensor(name: str) -> torch.Tensor:
             if name not in cache:
-                cache[name] = _lookup_tensor(gm, name)[0].detach()
+                cache[name] = lookup_tensor(gm, name)[0].detach()
             return cache[name]
 
         groups = [g for g in analysis.groups if g.prunable]

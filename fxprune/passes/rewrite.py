@@ -24,21 +24,12 @@ from ..errors import VerificationError, node_location
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
-from ..rules.base import RewriteContext, _lookup_tensor
-from ..trace import propagate_shapes
+from ..rules.base import RewriteContext, lookup_tensor, slice_param
+from ..shapes import propagate_shapes
 
 __all__ = ["Rewrite", "rewrite_graph"]
 
 log = logging.getLogger(__name__)
-
-
-def _slice_tensor(t: torch.Tensor, name: str, rw: RewriteContext) -> torch.Tensor:
-    data = t.detach()
-    for d in range(t.dim()):
-        k = rw.keep(("p", name, d))
-        if k is not None:
-            data = data.index_select(d, torch.as_tensor(np.flatnonzero(k), device=data.device))
-    return data.clone()
 
 
 def rewrite_graph(
@@ -58,7 +49,7 @@ def rewrite_graph(
     val_map: dict[fx.Node, fx.Node] = {}
     out = new_graph.graph_copy(gm.graph, val_map)
     new_graph.output(out)
-    rw = RewriteContext(gm, None, keep_of)  # type: ignore[arg-type]
+    rw = RewriteContext(gm, None, keep_of, analysis.table.groups_of)
 
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
@@ -75,9 +66,9 @@ def rewrite_graph(
         root[target] = new
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            t, is_buffer = _lookup_tensor(gm, str(node.target))
+            t, is_buffer = lookup_tensor(gm, str(node.target))
             if isinstance(t, torch.Tensor):
-                data = _slice_tensor(t, str(node.target), rw)
+                data = slice_param(t, str(node.target), rw)
                 root[str(node.target)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
             else:
                 root[str(node.target)] = copy.deepcopy(t)

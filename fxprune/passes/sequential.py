@@ -29,7 +29,7 @@ from ..calib import DataDrivenImportance
 from ..errors import ConfigError
 from ..ir import ChannelGroup, Selection
 from ..pipeline import Context, Pass, PassResult
-from ..rules.base import _lookup_tensor
+from ..rules.base import lookup_tensor
 from .group import Analysis, analyze_graph
 from .importance import ImportancePass
 from .reconstruct import METHODS, _cin, consumers_of, reconstruct_modules, unit_atoms
@@ -88,7 +88,7 @@ class SequentialPrune(Pass):
 
             def tensor(name: str) -> torch.Tensor:
                 if name not in cache:
-                    cache[name] = _lookup_tensor(cur, name)[0].detach()
+                    cache[name] = lookup_tensor(cur, name)[0].detach()
                 return cache[name]
 
             s = self.criterion.scores(g, tensor, ctx)

@@ -30,9 +30,9 @@ from .. import meta
 from ..errors import VerificationError
 from ..ir import Selection, member_units
 from ..pipeline import Context, Pass, PassResult
-from ..rules.base import _lookup_tensor
+from ..rules.base import lookup_tensor
 
-__all__ = ["Verify", "masked_reference", "compare_outputs", "flatten_outputs", "promote_float_dtype"]
+__all__ = ["Verify", "masked_reference", "compare_outputs", "flatten_outputs", "promote_float_dtype", "run_outputs"]
 
 
 def masked_reference(gm: fx.GraphModule, analysis, selection: Selection, absorbed: Sequence[Any] = ()) -> fx.GraphModule:
@@ -53,7 +53,7 @@ def masked_reference(gm: fx.GraphModule, analysis, selection: Selection, absorbe
             for ps in g.params:
                 if ps.role != "in":
                     continue
-                t, _ = _lookup_tensor(ref, ps.param)
+                t, _ = lookup_tensor(ref, ps.param)
                 units = member_units(ps)
                 rows = np.flatnonzero(np.isin(units, removed))
                 if len(rows) == 0:
@@ -134,7 +134,9 @@ def promote_float_dtype(m: nn.Module, dtype: torch.dtype) -> int:
     return changed
 
 
-def _run(m: nn.Module, inputs: Sequence[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+def run_outputs(m: nn.Module, inputs: Sequence[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """``m``'s flattened outputs in eval mode without grad; with ``dtype``, on a private copy whose parameters,
+    inputs and float literals (:func:`promote_float_dtype`) are in that dtype."""
     was = m.training
     m.eval()
     try:
@@ -193,8 +195,8 @@ class Verify(Pass):
         if orig is None:
             raise VerificationError("verify needs the original graph (ctx.original)")
         dt = getattr(torch, self.dtype) if self.dtype else None
-        new_out = _run(gm, ctx.example_inputs, None)
-        old_out = _run(orig, ctx.example_inputs, None)
+        new_out = run_outputs(gm, ctx.example_inputs, None)
+        old_out = run_outputs(orig, ctx.example_inputs, None)
         if len(new_out) != len(old_out) or any(x.shape != y.shape for x, y in zip(new_out, old_out, strict=True)):
             raise VerificationError(
                 "pruned module changes the output shapes: "
@@ -211,7 +213,7 @@ class Verify(Pass):
                 stats["equivalence"] = "skipped (lossy)"
             else:
                 ref = masked_reference(orig, analysis, sel, ctx.extras.get("absorbed", ()))
-                msg = compare_outputs(_run(gm, ctx.example_inputs, dt), _run(ref, ctx.example_inputs, dt),
+                msg = compare_outputs(run_outputs(gm, ctx.example_inputs, dt), run_outputs(ref, ctx.example_inputs, dt),
                                       self.rtol, self.atol)
                 if msg:
                     raise VerificationError(f"pruned module differs from the masked reference: {msg}")

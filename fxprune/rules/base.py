@@ -1,10 +1,16 @@
-"""Rule objects, the rule table, and the per-node context rules use to state channel ties.
+"""Rule objects, the rule table, and the per-node contexts rules state facts in.
 
-A *rule* says, for one op, (a) how its input and output channels are tied, (b) which parameter slices
-follow them, and (c) how to build the smaller op (``rewrite``). Rules talk about *axes*: one axis per
-dim of every tensor a node produces, per dim of every parameter, plus optional virtual axes (e.g. the
-heads inside ``nn.MultiheadAttention``). Every position of every axis is an element of one global index
-space; a rule only states facts about elements:
+A *rule* is one op family's meaning bound to one spelling of the op (a module type, a torch function, a
+Tensor method, an ATen overload). It says (a) how the op's input and output channels are tied
+(:meth:`Rule.analyze`), (b) how to build the smaller op (:meth:`Rule.rewrite_module` for modules,
+:meth:`Rule.rewrite_node` for literal arguments), (c) its cost (:meth:`Rule.macs`), (d) what calibration
+sees when the op consumes channels (:meth:`Rule.consumer`), and (e) what a report calls it
+(:meth:`Rule.kind`). The families live one per file in this package; a family writes its meaning once and
+registers one thin binder per spelling (:mod:`fxprune.rules.calls`).
+
+Rules talk about *axes*: one axis per dim of every tensor a node produces, per dim of every parameter,
+plus optional virtual axes (e.g. the heads inside ``nn.MultiheadAttention``). Every position of every axis
+is an element of one global index space; a rule only states facts about elements:
 
 * ``tie(a, b)``: position ``i`` of ``a`` and of ``b`` are the same channel (removed together);
 * ``tie_slice(big, offset, small)``: ``small`` is ``big[offset : offset + len(small)]`` (cat, split);
@@ -18,16 +24,19 @@ space; a rule only states facts about elements:
 Any dim of a node's tensor inputs or outputs that its rule leaves unmentioned is pinned automatically,
 so a rule that forgets a dim can only make pruning more conservative, never wrong. Rules never guess: an
 op without a rule is an error (or, in conservative mode, pins everything it touches).
+
+Parameters: ``rc.param(name, dim, role)`` is the axis of a parameter dim. A *grouped view* of a dim
+(``groups > 1``: a grouped convolution's weight dim 1 addressed in the full ``in_channels`` index space,
+``groups`` times its length) is registered by the rule that knows the layout; :func:`slice_param` then
+gathers each group block's kept inputs. Parameters read by ``get_attr`` nodes are tied to their node's dims
+after every rule ran, except for a dim some rule gave a grouped view.
 """
 
 from __future__ import annotations
 
-from ..trace import is_multi
-
-import dataclasses
-import operator
+import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,9 +45,10 @@ from torch import nn
 
 from ..errors import UnsupportedOpError
 from ..ir import Constraint
-from ..trace import shape_of
+from ..meta import is_multi, shape_of
 
-__all__ = ["Axis", "AxisTable", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES", "op_key"]
+__all__ = ["Axis", "AxisTable", "ParamInfo", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES",
+           "op_key", "lookup_tensor", "slice_param", "shrink_tensors"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,9 @@ class Axis:
 
 @dataclass
 class ParamInfo:
+    """Role of a parameter dim (``"out"``, ``"in"``, ``"norm"``, ``"other"``); ``groups > 1`` marks a grouped
+    view (the dim addressed ``groups`` times over, see the module docstring)."""
+
     role: str
     groups: int = 1
     is_buffer: bool = False
@@ -74,7 +87,7 @@ class AxisTable:
         self.pins: list[tuple[np.ndarray, str, bool]] = []  # (element ids, reason, blocks whole group)
         self.producers: list[tuple[tuple, str]] = []  # (axis key, root name)
         self.constraints: list[tuple[tuple, Constraint]] = []
-        self.lossy: list[tuple[np.ndarray, str]] = []
+        self.lossy: list[tuple[np.ndarray, str, bool]] = []  # (element ids, reason, pinned unless allowed)
         self.params: dict[tuple, ParamInfo] = {}
         self.live: set[tuple] = set()
 
@@ -89,6 +102,10 @@ class AxisTable:
             raise ValueError(f"axis {key} registered with size {ax.size}, now {size}")
         return ax
 
+    def groups_of(self, qualname: str, dim: int) -> int:
+        info = self.params.get(("p", qualname, dim))
+        return info.groups if info is not None else 1
+
 
 def op_key(gm: fx.GraphModule, node: fx.Node) -> str:
     """Human-readable op identity: module type, function qualname or method name."""
@@ -100,6 +117,30 @@ def op_key(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
     return node.op
+
+
+def lookup_tensor(gm: nn.Module, qualname: str) -> tuple[torch.Tensor, bool]:
+    """``(tensor, is_buffer)`` of the parameter, buffer or tensor attribute ``qualname`` of ``gm``."""
+    mod_name, _, attr = qualname.rpartition(".")
+    mod = gm.get_submodule(mod_name) if mod_name else gm
+    if attr in mod._parameters:
+        return mod._parameters[attr], False
+    if attr in mod._buffers:
+        return mod._buffers[attr], True
+    t = getattr(mod, attr)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{qualname} is not a tensor")
+    return t, False
+
+
+def is_state(gm: nn.Module, qualname: str) -> bool:
+    """Whether ``qualname`` names a registered parameter or buffer (not a plain tensor attribute)."""
+    owner, _, attr = qualname.rpartition(".")
+    try:
+        mod = gm.get_submodule(owner) if owner else gm
+    except AttributeError:
+        return False
+    return attr in mod._parameters or attr in mod._buffers
 
 
 class RuleContext:
@@ -157,11 +198,12 @@ class RuleContext:
         return self.act(self.node, dim, index)
 
     def param(self, qualname: str, dim: int, role: str, groups: int = 1) -> Axis:
-        """Axis of a parameter or buffer (by qualified name in the traced module) in a given role."""
-        t, is_buffer = _lookup_tensor(self.gm, qualname)
+        """Axis of a parameter or buffer dim (by qualified name in the traced module) in a given role;
+        ``groups > 1``: the grouped view of the dim (``groups`` times its length)."""
+        t, is_buffer = lookup_tensor(self.gm, qualname)
         d = dim % t.dim()
         key = ("p", qualname, d)
-        ax = self.table.axis(key, t.shape[d])
+        ax = self.table.axis(key, t.shape[d] * groups)
         self.table.params[key] = ParamInfo(role, groups, is_buffer)
         return self._mark(ax)
 
@@ -249,9 +291,16 @@ class RuleContext:
         self._mark(a)
         self.table.constraints.append((a.key, c))
 
-    def lossy(self, a: Axis, reason: str) -> None:
+    def lossy(self, a: Axis, reason: str, pin_unless_allowed: bool = False) -> None:
+        """Removing positions of ``a`` is not exactly lossless (statistics over them). The group is blocked
+        unless ``allow_lossy=True``; with ``pin_unless_allowed`` only these positions are pinned instead
+        (the rest of the group stays prunable), as for any op that reads them."""
         self._mark(a)
-        self.table.lossy.append((a.ids(), reason))
+        self.table.lossy.append((a.ids(), reason, pin_unless_allowed))
+
+    def is_live(self, a: Axis) -> bool:
+        """Whether ``a`` already carries channels of some producer (as far as the graph was read)."""
+        return a.key in self.table.live
 
     def _share_live(self, a: Axis, b: Axis) -> None:
         live = self.table.live
@@ -305,26 +354,16 @@ class RuleContext:
                     self.table.pins.append((ax.ids(), f"{self.rule_name} does not map dim {d} of {x.name}", False))
 
 
-def _lookup_tensor(gm: nn.Module, qualname: str) -> tuple[torch.Tensor, bool]:
-    mod_name, _, attr = qualname.rpartition(".")
-    mod = gm.get_submodule(mod_name) if mod_name else gm
-    if attr in mod._parameters:
-        return mod._parameters[attr], False
-    if attr in mod._buffers:
-        return mod._buffers[attr], True
-    t = getattr(mod, attr)
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{qualname} is not a tensor")
-    return t, False
-
-
 class RewriteContext:
     """What a rule sees while building the smaller op: keep masks for every axis."""
 
-    def __init__(self, gm: fx.GraphModule, new_gm: fx.GraphModule, keep_of: Callable[[tuple], np.ndarray | None]):
+    def __init__(self, gm: fx.GraphModule, new_gm: fx.GraphModule | None,
+                 keep_of: Callable[[tuple], np.ndarray | None],
+                 groups_of: Callable[[str, int], int] | None = None):
         self.gm = gm  # the original (traced) module: read-only
         self.new_gm = new_gm  # the module being built
         self._keep_of = keep_of
+        self._groups_of = groups_of
 
     def keep(self, key: tuple) -> np.ndarray | None:
         """Boolean keep mask of an axis, or None when nothing is removed from it."""
@@ -337,6 +376,10 @@ class RewriteContext:
     def keep_param(self, qualname: str, dim: int) -> np.ndarray | None:
         return self._keep_of(("p", qualname, dim))
 
+    def param_groups(self, qualname: str, dim: int) -> int:
+        """``groups`` of the grouped view of a parameter dim (1: a plain dim)."""
+        return self._groups_of(qualname, dim) if self._groups_of is not None else 1
+
     def new_shape(self, node: fx.Node, index: int | None = None) -> tuple[int, ...]:
         shp = shape_of(node, index)
         out = []
@@ -346,18 +389,63 @@ class RewriteContext:
         return tuple(out)
 
 
+def _gather_grouped(data: torch.Tensor, keep: np.ndarray, groups: int, what: str) -> torch.Tensor:
+    """Keep, in each of the ``groups`` row blocks of ``data`` (dim 0), the dim-1 columns of that block's
+    slice of ``keep`` (a mask over ``groups * data.shape[1]`` positions)."""
+    cg = data.shape[1]
+    og = data.shape[0] // groups
+    blocks = [np.flatnonzero(keep[q * cg : (q + 1) * cg]) for q in range(groups)]
+    if len({len(b) for b in blocks}) != 1:
+        raise ValueError(f"{what}: the grouped input channels are not pruned uniformly across its {groups} "
+                         f"groups (kept per group: {[len(b) for b in blocks]})")
+    idx = [torch.as_tensor(b, device=data.device) for b in blocks]
+    return torch.cat([data[q * og : (q + 1) * og].index_select(1, idx[q]) for q in range(groups)], 0)
+
+
+def slice_param(t: torch.Tensor, qualname: str, rw: RewriteContext) -> torch.Tensor:
+    """A fresh copy of parameter/buffer ``t`` (named ``qualname``) with every dim sliced by its keep mask;
+    a grouped view's mask gathers each group block's kept columns."""
+    data = t.detach()
+    for d in range(t.dim()):
+        k = rw.keep(("p", qualname, d))
+        if k is None:
+            continue
+        g = rw.param_groups(qualname, d)
+        if g > 1 and d == 1 and len(k) == t.shape[d] * g:
+            data = _gather_grouped(data, k, g, qualname)
+        else:
+            data = data.index_select(d, torch.as_tensor(np.flatnonzero(k), device=data.device))
+    return data.clone()
+
+
 class Rule:
     """Base class: override :meth:`analyze`; override :meth:`rewrite_module` / :meth:`rewrite_node` when
     the op holds sizes that must change (module attributes, literal arguments).
 
-    ``example`` returns a tiny ``(module, inputs)`` pair exercising the rule; the registry test runs the
-    masked-reference oracle on every rule's example, so no rule goes untested.
+    Optional knowledge a family adds (the defaults say "nothing known"): :meth:`macs`, :meth:`consumer`,
+    :meth:`kind`, :meth:`dim_origins`, :meth:`produced_dim`, :meth:`positional_dim` and the flags
+    :attr:`positionwise`, :attr:`permutes`, :attr:`reshapes`, :attr:`expands`. Tiny example models exercising each rule
+    live in :mod:`fxprune.testing.examples`, keyed by :attr:`name`.
     """
 
     name: str = "rule"
-    example: Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]] | None = None
     #: True when pruning through the op is never exactly lossless (statistics over channels)
     lossy: bool = False
+    #: False: the rule describes a module fxprune traces through when it can (it is used only where the
+    #: module is already a leaf of a given graph, e.g. for its MACs)
+    leaf: ClassVar[bool] = True
+    #: True: output position ``i`` of every dim is an operand's position ``i`` (element-wise ops, casts)
+    positionwise: bool = False
+    #: True: the op only permutes dims (:meth:`dim_origins` says how)
+    permutes: bool = False
+    #: True: the op is a reshape (flat element order kept)
+    reshapes: bool = False
+    #: True: the op broadcasts size-1 dims to a given size (expand)
+    expands: bool = False
+    #: how a channel's values flow through the op: "positional" (pure data movement: reshapes, permutes,
+    #: concat, slicing), "channel_local" (a unit's output positions depend only on the unit's input
+    #: positions: element-wise ops, pooling, per-channel norms), or None (channels mix)
+    local: str | None = None
 
     def analyze(self, node: fx.Node, rc: RuleContext) -> None:
         raise NotImplementedError
@@ -377,6 +465,52 @@ class Rule:
     def rewrite_node(self, node: fx.Node, old: fx.Node, rw: RewriteContext) -> None:
         """Patch literal arguments of ``node`` (a node of the new graph; ``old`` its original)."""
 
+    def macs(self, node: fx.Node, gm: fx.GraphModule) -> int | None:
+        """Multiply-accumulates of one call (None: no formula; see :mod:`fxprune.flops`)."""
+        return None
+
+    def locality(self, node: fx.Node) -> str | None:
+        """:attr:`local` for this call (a family may answer per call)."""
+        return self.local
+
+    def has_macs(self) -> bool:
+        """Whether the rule has a MACs formula (a call it cannot cost then lacks shape metadata)."""
+        return type(self).macs is not Rule.macs
+
+    def consumer(self, node: fx.Node, gm: fx.GraphModule) -> Any:
+        """The :class:`~fxprune.rules.calls.Consumer` record when the call is a linear map of its input's
+        channels through a parameter (what calibration and reconstruction model), else None."""
+        return None
+
+    def kind(self, node: fx.Node, gm: fx.GraphModule) -> str | None:
+        """What a report calls the op (``"Conv2d"``, ``"Linear"``...), or None."""
+        return None
+
+    def dim_origins(self, node: fx.Node, dim: int) -> list[tuple[fx.Node, int]]:
+        """The operand dims that output ``dim`` is, position for position (``[]``: none known). The default
+        for position-wise ops: every tensor operand whose right-aligned dim has the output's size."""
+        if not self.positionwise:
+            return []
+        os_ = shape_of(node)
+        if os_ is None:
+            return []
+        dim %= len(os_)
+        out = []
+        for x in node.all_input_nodes:
+            xs = shape_of(x)
+            k = dim - (len(os_) - len(xs)) if xs is not None else -1
+            if k >= 0 and xs[k] == os_[dim]:
+                out.append((x, k))
+        return out
+
+    def produced_dim(self, node: fx.Node, gm: fx.GraphModule) -> int | None:
+        """The output dim whose channels the op creates (a conv's channels, a linear's features), or None."""
+        return None
+
+    def positional_dim(self, node: fx.Node) -> int | None:
+        """The input dim the op reads position by position (select, unbind, split), or None."""
+        return None
+
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
 
@@ -386,8 +520,6 @@ def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.M
 
     Never shares storage with the original: parameters are cloned even when unchanged.
     """
-    import copy
-
     new = copy.copy(module)
     for k, v in module.__dict__.items():  # hook tables etc.: a dict shared with the original would leak
         if isinstance(v, (dict, list, set)):
@@ -397,12 +529,7 @@ def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.M
         for name, t in list(store.items()):
             if t is None:
                 continue
-            data = t.detach()
-            for d in range(t.dim()):
-                k = rw.keep(("p", prefix + name, d))
-                if k is not None:
-                    data = data.index_select(d, torch.as_tensor(np.flatnonzero(k), device=data.device))
-            data = data.clone()
+            data = slice_param(t, prefix + name, rw)
             store[name] = nn.Parameter(data, requires_grad=t.requires_grad) if is_param else data
     return new
 
@@ -444,7 +571,10 @@ class RuleTable:
         return None
 
     def has_module_rule(self, m: nn.Module) -> bool:
-        return self.module_rule(m) is not None
+        """Whether ``m`` is kept as one node by the tracer: a rule describes it and does not ask to be
+        traced through."""
+        r = self.module_rule(m)
+        return r is not None and r.leaf
 
     def lookup(self, gm: fx.GraphModule, node: fx.Node) -> Rule | None:
         if node.op == "call_module":
@@ -463,6 +593,12 @@ class RuleTable:
         for r in [*self.modules.values(), *self.functions.values(), *self.methods.values()]:
             seen.setdefault(id(r), r)
         return list(seen.values())
+
+    def copy(self) -> "RuleTable":
+        """A private table starting from this one's rules (user rules added to it stay private)."""
+        new = RuleTable()
+        new.modules, new.functions, new.methods = dict(self.modules), dict(self.functions), dict(self.methods)
+        return new
 
     def missing(self, gm: fx.GraphModule, node: fx.Node) -> UnsupportedOpError:
         key = op_key(gm, node)

@@ -1,73 +1,67 @@
-"""Normalisation and pooling.
+"""Normalisations: one call record (:class:`NormCall`) for batch, instance, group, layer and RMS norms as
+modules, functions and ATen overloads.
 
-Per-channel normalisations (BatchNorm, InstanceNorm) are exact under pruning, and so is removing *whole*
-groups of a group norm (``F.group_norm`` with ``num_groups > 1``: one unit per group). Normalisations whose
-statistics span the pruned channels (a group norm with one group, ``nn.GroupNorm`` by default,
-LayerNorm/RMSNorm over the normalised dims, ``F.normalize`` over its dim) are marked *lossy*: the group is blocked unless the user opts in with
-``allow_lossy=True`` (the report then lists it as not exactly lossless). LocalResponseNorm mixes
-neighbouring channels and pins them.
+* Per-channel (BatchNorm, InstanceNorm, ``F.batch_norm``/``F.instance_norm``, ATen ``batch_norm`` and its
+  ``_native_*`` forms): exact; the affine parameters and running statistics follow the channels (role
+  ``"norm"``). Statistics the call computes itself (``training=True``: timm's weight standardisation) span
+  every other dim: pruning there is lossy.
+* Group norm (``nn.GroupNorm``, ``F.group_norm``, ``aten.group_norm``): each group of ``C // G`` channels
+  has its own statistics, so removing *whole* groups is exact (one unit per group, ``num_groups`` patched);
+  with one group (timm's GroupNorm1) a channel can only go with its group's statistics changing: lossy,
+  the same number removed in every group.
+* Layer/RMS norm over the trailing dims (``nn.LayerNorm``, ``nn.RMSNorm``, ``F.layer_norm``, ``F.rms_norm``,
+  ATen ``layer_norm``/``rms_norm``/``native_layer_norm``): the statistics span the normalised dims, so
+  pruning them is lossy (``allow_lossy=True``; the report says so). The same norms written out as
+  element-wise ops (Hugging Face's ``LlamaRMSNorm``: ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``)
+  are lossy the same way: their reduction over the channel dim is (:mod:`fxprune.rules.reduce`).
+* ``F.normalize`` (lossy over its dim) and ``nn.LocalResponseNorm`` (mixes neighbouring channels: pinned).
+
+MACs: one per output element.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..ir import Constraint
-from .base import RULES, Rule, RuleContext, shrink_tensors
-from .examples import ex_batchnorm, ex_groupnorm, ex_instancenorm, ex_layernorm, ex_pool
+from ..meta import shape_of
+from .base import RULES, RuleContext, shrink_tensors
+from .calls import (Bound, Family, aten_name, aten_overloads, call_arg, module_of, schema_args, set_call_arg,
+                    set_schema_arg, user_type, weight_axis)
 
-__all__ = ["PerChannelNorm", "GroupNormRule", "FunctionalGroupNorm", "tie_group_norm", "LastDimsNorm",
-           "NormalizeRule", "PoolRule"]
-
-
-class PerChannelNorm(Rule):
-    """BatchNorm*/InstanceNorm*: output == input shape; affine params and running stats follow dim C."""
-
-    name = "per_channel_norm"
-    example = staticmethod(ex_batchnorm)
-
-    def __init__(self, spatial: int | None = None, name: str = "per_channel_norm", example=None) -> None:
-        self.spatial = spatial
-        self.name = name
-        if example is not None:
-            self.example = example
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = rc.arg(0, "input")
-        rc.tie_same_shape(x)
-        nd = len(rc.shape(x))
-        c = 0 if (self.spatial is not None and nd == self.spatial + 1) else 1
-        ch = rc.act(x, c)
-        for pname in ("weight", "bias", "running_mean", "running_var"):
-            t = getattr(rc.module, pname, None)
-            if t is not None:
-                rc.tie(ch, rc.param(f"{rc.module_name}.{pname}", 0, "norm"))
-
-    def fix_attributes(self, module) -> None:
-        for pname in ("weight", "running_mean"):
-            t = getattr(module, pname, None)
-            if t is not None:
-                module.num_features = t.shape[0]
-                return
+__all__ = ["NormCall", "NormFamily", "NORM", "tie_group_norm", "new_num_groups"]
 
 
-def tie_group_norm(rc: RuleContext, node, x, num_groups: Any, affine: list[Any], where: str,
-                   whole_groups: bool) -> None:
+@dataclass(frozen=True)
+class NormCall:
+    """``kind``: ``"channel"`` (batch/instance), ``"group"``, ``"last"`` (layer/RMS over ``normalized``
+    trailing dims), ``"normalize"`` (``F.normalize`` over ``dim``), ``"lrn"``. ``params``: name → weight
+    operand (parameter name or graph value) with its role dim; ``stats_dims``: dims the call's own statistics
+    span besides the channel dim (lossy there)."""
+
+    kind: str
+    input: fx.Node
+    params: tuple[tuple[str, Any], ...] = ()
+    channel_dim: int = 1
+    groups: Any = None
+    normalized: int = 0
+    dim: Any = None
+    stats_dims: tuple[int, ...] = ()
+    spelling: str = "module"
+
+
+def tie_group_norm(rc: RuleContext, node: fx.Node, x: fx.Node, num_groups: Any, affine: list[Any], where: str,
+                   whole_groups: bool = True) -> None:
     """Channel ties of a group norm over dim 1 of ``x`` with ``num_groups`` groups; ``affine``: the axes
-    (C,) of its weight and bias.
-
-    Each group of ``C // G`` consecutive channels is normalised with its own statistics, so removing *whole*
-    groups leaves every other channel's output unchanged: with ``whole_groups`` and ``1 < G`` the unit of
-    pruning is one group (``G == C``: one channel, like instance norm), exactly. Otherwise (``G == 1``, as in
-    timm's GroupNorm1 / poolformer, or ``whole_groups=False``) a channel can only go with its group's
-    statistics changing: lossy (``allow_lossy=True``), the same number of channels removed in every group.
-    """
-    rc.tie_same_shape(x)
+    (C,) of its weight and bias (see the module docstring)."""
     ch = rc.act(x, 1)
     for ax in affine:
         rc.tie(ch, ax)
@@ -84,7 +78,7 @@ def tie_group_norm(rc: RuleContext, node, x, num_groups: Any, affine: list[Any],
         rc.pin(ch, f"{where}: num_groups is computed at run time")
 
 
-def new_num_groups(old_groups: int, channels: int, keep) -> int:
+def new_num_groups(old_groups: int, channels: int, keep: Any) -> int:
     """num_groups after pruning: whole groups removed when a group is one unit, else unchanged."""
     if keep is None:
         return old_groups
@@ -92,316 +86,227 @@ def new_num_groups(old_groups: int, channels: int, keep) -> int:
     size = channels // old_groups
     if size == 1:  # one channel per group
         return kept
-    if kept % size == 0 and _whole(keep, size):
+    blocks = np.asarray(keep).reshape(-1, size)
+    if kept % size == 0 and bool((blocks.all(1) | ~blocks.any(1)).all()):
         return kept // size
     return old_groups
 
 
-def _whole(keep, size: int) -> bool:
-    blocks = np.asarray(keep).reshape(-1, size)
-    return bool((blocks.all(1) | ~blocks.any(1)).all())
+class NormFamily(Family):
+    name = "norm"
 
+    def locality(self, call: NormCall, node: fx.Node) -> str | None:
+        return "channel_local" if call.kind == "channel" and not call.stats_dims else None
 
-class GroupNormRule(Rule):
-    """``nn.GroupNorm``; see :func:`tie_group_norm`. ``whole_groups=True`` (the registered default) prunes
-    whole groups exactly when ``num_groups > 1``, as the functional and ATen rules do; ``False`` treats every
-    ``num_groups`` as lossy (channels removed uniformly inside each group, needs ``allow_lossy``)."""
+    def analyze(self, call: NormCall, node: fx.Node, rc: RuleContext) -> None:
+        x = call.input
+        if not rc.is_tensor(x):
+            return
+        multi = rc.out_shape() is None
+        index = 0 if multi else None
+        if rc.out_shape(index) != rc.shape(x):
+            return
+        rc.tie_same_shape(x, index)
+        nd = len(rc.shape(x))
+        where = str(node.target) if node.op == "call_module" else node.name
+        if call.kind == "channel":
+            ch = rc.act(x, call.channel_dim)
+            for _, p in call.params:
+                rc.tie(ch, weight_axis(rc, p, 0, "norm"))
+            for d in call.stats_dims:
+                rc.lossy(rc.act(x, d), f"{where}: statistics computed by the call span dim {d}")
+            if multi:  # saved statistics: (C,) tensors follow the channels; the others are free
+                self._extra_outputs(rc, node, ch)
+        elif call.kind == "group":
+            affine = [weight_axis(rc, p, 0, "norm") for _, p in call.params]
+            tie_group_norm(rc, node, x, call.groups, affine, where)
+        elif call.kind == "last":
+            k = call.normalized
+            for i in range(k):
+                ax = rc.act(x, -k + i)
+                rc.lossy(ax, f"{where}: {self.kind(call, node, rc.gm)} statistics span the normalised dims")
+                for _, p in call.params:
+                    rc.tie(ax, weight_axis(rc, p, i, "norm"))
+            if multi:
+                self._extra_outputs(rc, node, None)
+        elif call.kind == "normalize":
+            if not isinstance(call.dim, int):
+                for ax in rc.all_dims(x):
+                    rc.lossy(ax, f"{where}: normalize over dims computed at run time")
+            else:
+                rc.lossy(rc.act(x, call.dim % nd), f"{where}: the norm spans dim {call.dim % nd}")
+        else:  # lrn
+            rc.pin(rc.act(x, 1), f"{where}: LocalResponseNorm mixes neighbouring channels")
 
-    name = "group_norm"
-    example = staticmethod(ex_groupnorm)
+    @staticmethod
+    def _extra_outputs(rc: RuleContext, node: fx.Node, ch: Any) -> None:
+        for i in range(1, len(node.meta["tensor_meta"])):
+            shp = rc.out_shape(i)
+            if shp is None:
+                continue
+            for d, s in enumerate(shp):
+                ax = rc.out(d, i)
+                if ch is not None and len(shp) == 1 and s == ch.size:
+                    rc.tie(ax, ch)
+                else:
+                    rc.free(ax)
 
-    def __init__(self, whole_groups: bool = True) -> None:
-        self.whole_groups = whole_groups
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = rc.arg(0, "input")
-        m = rc.module
-        affine = [rc.param(f"{rc.module_name}.{p}", 0, "norm") for p in ("weight", "bias")] if m.affine else []
-        tie_group_norm(rc, node, x, m.num_groups, affine, rc.module_name, self.whole_groups)
-
-    def rewrite_module(self, module, qualname, rw, nodes=()):
+    def rewrite_module(self, call, module, qualname, rw, nodes):
         new = shrink_tensors(module, qualname, rw)
-        k = rw.keep_act(nodes[0].args[0], 1) if nodes else None
-        if k is not None:
-            new.num_channels = int(k.sum())
-            new.num_groups = new_num_groups(module.num_groups, module.num_channels, k)
+        if call.kind == "channel":
+            for pname in ("weight", "running_mean"):
+                t = getattr(new, pname, None)
+                if t is not None:
+                    new.num_features = t.shape[0]
+                    break
+        elif call.kind == "group":
+            k = rw.keep_act(call.input, 1)
+            if k is not None:
+                new.num_channels = int(k.sum())
+                new.num_groups = new_num_groups(module.num_groups, module.num_channels, k)
+        elif call.kind == "last":
+            shp = rw.new_shape(call.input)
+            new.normalized_shape = tuple(shp[-call.normalized:])
         return new
 
+    def rewrite_node(self, call, node, old, rw) -> None:
+        if call.kind == "group" and isinstance(call.groups, int):
+            k = rw.keep_act(call.input, 1)
+            new = new_num_groups(call.groups, len(k) if k is not None else 0, k)
+            if new != call.groups:
+                if call.spelling == "aten":
+                    set_schema_arg(node, "num_groups", new)
+                else:
+                    set_call_arg(node, 1, "num_groups", new)
+        elif call.kind == "last":
+            shp = tuple(rw.new_shape(call.input)[-call.normalized:])
+            if shp != tuple(shape_of(call.input)[-call.normalized:]):
+                if call.spelling == "aten":
+                    set_schema_arg(node, "normalized_shape", list(shp))
+                else:
+                    set_call_arg(node, 1, "normalized_shape", shp)
 
-def _ex_functional_group_norm():
-    class M(nn.Module):
-        """F.group_norm called as a function (timm's GroupNorm / GroupNorm1 forward): 4 groups of 2."""
+    def macs(self, call, node, gm) -> int | None:
+        if call.kind in ("normalize", "lrn"):
+            return 0
+        out = shape_of(node, 0 if shape_of(node) is None else None)
+        return None if out is None else math.prod(out)
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 3, padding=1)
-            self.w = nn.Parameter(torch.rand(8) + 0.5)
-            self.bias = nn.Parameter(torch.randn(8))
-            self.b = nn.Conv2d(8, 4, 1)
+    def dim_origins(self, call, node, dim):
+        xs = shape_of(call.input)
+        os_ = shape_of(node, None if shape_of(node) is not None else 0)
+        return [(call.input, dim % len(xs))] if xs is not None and xs == os_ else []
 
-        def forward(self, x):
-            return self.b(F.group_norm(self.a(x), 4, self.w, self.bias, 1e-5))
-
-    return M(), (torch.randn(2, 3, 5, 5),)
-
-
-class FunctionalGroupNorm(Rule):
-    """``F.group_norm(x, num_groups, weight, bias, eps)``: exact whole-group pruning when ``num_groups > 1``,
-    lossy with ``num_groups == 1`` (see :func:`tie_group_norm`); ``num_groups`` is patched on rewrite."""
-
-    name = "F.group_norm"
-    example = staticmethod(_ex_functional_group_norm)
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = rc.arg(0, "input")
-        affine = []
-        for pos, pname in ((2, "weight"), (3, "bias")):
-            p = rc.arg(pos, pname)
-            if rc.is_tensor(p):
-                affine.append(rc.act(p, 0))
-                if p.op == "get_attr":
-                    try:
-                        rc.param(str(p.target), 0, "norm")
-                    except (AttributeError, ValueError):  # a plain tensor attribute
-                        pass
-        tie_group_norm(rc, node, x, rc.arg(1, "num_groups"), affine, node.name, whole_groups=True)
-
-    def rewrite_node(self, node, old, rw) -> None:
-        g = old.args[1] if len(old.args) > 1 else old.kwargs.get("num_groups")
-        if not isinstance(g, int):
-            return
-        k = rw.keep_act(old.args[0], 1)
-        new = new_num_groups(g, len(k) if k is not None else 0, k)
-        if new == g:
-            return
-        if len(node.args) > 1:
-            node.args = (node.args[0], new, *node.args[2:])
-        else:
-            node.kwargs = {**node.kwargs, "num_groups": new}
+    def kind(self, call, node, gm) -> str | None:
+        if node.op == "call_module":
+            return type(module_of(node, gm)).__name__
+        return user_type(node) or {"channel": "BatchNorm", "group": "GroupNorm", "last": "LayerNorm"}.get(call.kind)
 
 
-class LastDimsNorm(Rule):
-    """LayerNorm / RMSNorm over the last ``len(normalized_shape)`` dims (lossy on those dims)."""
+NORM = NormFamily()
 
-    name = "layer_norm"
-    example = staticmethod(ex_layernorm)
-    lossy = True
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = rc.arg(0, "input")
-        rc.tie_same_shape(x)
-        m = rc.module
-        k = len(m.normalized_shape)
-        for i in range(k):
-            ax = rc.act(x, -k + i)
-            rc.lossy(ax, f"{rc.module_name}: {type(m).__name__} statistics span the normalised dims")
-            for pname in ("weight", "bias"):
-                if getattr(m, pname, None) is not None:
-                    rc.tie(ax, rc.param(f"{rc.module_name}.{pname}", i, "norm"))
-
-    def rewrite_module(self, module, qualname, rw, nodes=()):
-        new = shrink_tensors(module, qualname, rw)
-        if nodes:
-            x = nodes[0].args[0]
-            k = len(module.normalized_shape)
-            shp = rw.new_shape(x)
-            new.normalized_shape = tuple(shp[-k:])
-        return new
+_CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
 
-class FunctionalLayerNorm(Rule):
-    """``F.layer_norm(x, normalized_shape, weight, bias)`` with get_attr parameters; lossy."""
-
-    name = "F.layer_norm"
-    lossy = True
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = rc.arg(0, "input")
-        rc.tie_same_shape(x)
-        shape = rc.arg(1, "normalized_shape")
-        k = len(shape)
-        for i in range(k):
-            ax = rc.act(x, -k + i)
-            rc.lossy(ax, f"{node.name}: layer_norm statistics span the normalised dims")
-            for pos, name in ((2, "weight"), (3, "bias")):
-                p = rc.arg(pos, name)
-                if rc.is_tensor(p):
-                    rc.tie(ax, rc.act(p, i))
-
-    def rewrite_node(self, node, old, rw) -> None:
-        k = len(old.args[1] if len(old.args) > 1 else old.kwargs["normalized_shape"])
-        shp = tuple(rw.new_shape(old.args[0])[-k:])
-        if len(node.args) > 1:
-            node.args = (node.args[0], shp, *node.args[2:])
-        else:
-            node.kwargs = {**node.kwargs, "normalized_shape": shp}
+def bind_module(node: fx.Node, gm: fx.GraphModule) -> NormCall | None:
+    m = module_of(node, gm)
+    name = str(node.target)
+    x = call_arg(node, 0, "input")
+    if not isinstance(x, fx.Node) or shape_of(x) is None:
+        return None
+    nd = len(shape_of(x))
+    params = tuple((p, f"{name}.{p}") for p in _CHANNEL_PARAMS if getattr(m, p, None) is not None)
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        spatial = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}.get(type(m), nd - 2)
+        return NormCall("channel", x, params, 0 if nd == spatial + 1 else 1)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return NormCall("channel", x, params, 1)
+    if isinstance(m, nn.GroupNorm):
+        affine = tuple((p, f"{name}.{p}") for p in ("weight", "bias")) if m.affine else ()
+        return NormCall("group", x, affine, 1, m.num_groups)
+    if isinstance(m, nn.LocalResponseNorm):
+        return NormCall("lrn", x)
+    # LayerNorm / RMSNorm
+    affine = tuple((p, f"{name}.{p}") for p in ("weight", "bias") if getattr(m, p, None) is not None)
+    return NormCall("last", x, affine, normalized=len(m.normalized_shape))
 
 
-class NormalizeRule(Rule):
-    """``F.normalize(x, p, dim)``: every other dim passes through; the norm spans ``dim`` (lossy there)."""
-
-    name = "F.normalize"
-    lossy = True
-    example = staticmethod(lambda: _ex_normalize())
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = rc.arg(0, "input")
-        rc.tie_same_shape(x)
-        dim = rc.arg(2, "dim", 1)
-        if not isinstance(dim, int):
-            for ax in rc.all_dims(x):
-                rc.lossy(ax, f"{node.name}: normalize over dims computed at run time")
-            return
-        rc.lossy(rc.act(x, dim), f"{node.name}: the norm spans dim {dim % len(rc.shape(x))}")
+def _bound(fn: Any, node: fx.Node) -> dict[str, Any] | None:
+    try:
+        return inspect.signature(fn).bind(*node.args, **node.kwargs).arguments
+    except (TypeError, ValueError):
+        return None
 
 
-def _ex_normalize():
-    class M(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(5, 8)
-            self.b = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.b(F.normalize(self.a(x), dim=-1))
-
-    return M(), (torch.randn(4, 5),)
+def _tensors(a: dict[str, Any], names: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    return tuple((n, a[n]) for n in names if isinstance(a.get(n), fx.Node) and shape_of(a[n]) is not None)
 
 
-class LocalResponseNormRule(Rule):
-    name = "local_response_norm"
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = rc.arg(0, "input")
-        rc.tie_same_shape(x)
-        rc.pin(rc.act(x, 1), f"{rc.module_name}: LocalResponseNorm mixes neighbouring channels")
-
-
-class PoolRule(Rule):
-    """Pooling/resampling over the last ``spatial`` dims: every leading dim passes through."""
-
-    name = "pool"
-    example = staticmethod(ex_pool)
-
-    def __init__(self, spatial: int, name: str = "pool") -> None:
-        self.spatial = spatial
-        self.name = name
-
-    def spatial_dims(self, node, rc: RuleContext) -> int:
-        return self.spatial
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x = rc.arg(0, "input")
-        spatial = self.spatial_dims(node, rc)
-        shp = rc.out_shape()
-        if shp is None:  # return_indices=True gives a tuple
-            for i in range(len(node.meta["tensor_meta"])):
-                for d in range(len(rc.shape(x)) - spatial):
-                    rc.tie(rc.act(x, d), rc.out(d, i))
-            return
-        for d in range(len(rc.shape(x)) - spatial):
-            rc.tie(rc.act(x, d), rc.out(d))
+def bind_function(node: fx.Node, gm: fx.GraphModule) -> NormCall | None:
+    a = _bound(node.target, node)
+    if a is None or not isinstance(a.get("input"), fx.Node) or shape_of(a["input"]) is None:
+        return None
+    x = a["input"]
+    nd = len(shape_of(x))
+    if node.target in (F.batch_norm, F.instance_norm):
+        ch = 1 if nd > 1 else 0
+        batch_stats = a.get("training", False) if node.target is F.batch_norm else a.get("use_input_stats", True)
+        first = 0 if node.target is F.batch_norm else 2  # instance norm: per sample
+        stats = tuple(d for d in range(first, nd) if d != ch) if batch_stats is not False else ()
+        return NormCall("channel", x, _tensors(a, _CHANNEL_PARAMS), ch, stats_dims=stats, spelling="function")
+    if node.target is F.group_norm:
+        return NormCall("group", x, _tensors(a, ("weight", "bias")), 1, a.get("num_groups"), spelling="function")
+    if node.target is F.normalize:
+        return NormCall("normalize", x, dim=a.get("dim", 1), spelling="function")
+    shape = a.get("normalized_shape")
+    if not isinstance(shape, (list, tuple)):
+        return None
+    return NormCall("last", x, _tensors(a, ("weight", "bias")), normalized=len(shape), spelling="function")
 
 
-class PixelShuffleRule(Rule):
-    """(N, C·r², H, W) → (N, C, H·r, W·r): output channel c is input channels c·r² … c·r²+r²−1."""
-
-    name = "pixel_shuffle"
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        import numpy as np
-
-        x = rc.arg(0, "input")
-        r = rc.module.upscale_factor
-        rc.tie(rc.act(x, 0), rc.out(0))
-        cin = rc.act(x, 1)
-        pos = np.arange(cin.size)
-        rc.tie_map(cin, pos, rc.out(1), pos // (r * r))
-
-
-RULES.register_module(
-    (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d), PerChannelNorm()
-)
-for _k, _cls in ((1, nn.InstanceNorm1d), (2, nn.InstanceNorm2d), (3, nn.InstanceNorm3d)):
-    RULES.register_module(_cls, PerChannelNorm(spatial=_k, name="instance_norm", example=ex_instancenorm))
-RULES.register_module(nn.GroupNorm, GroupNormRule())
-RULES.register_function(F.group_norm, FunctionalGroupNorm())
-RULES.register_module((nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()), LastDimsNorm())
-RULES.register_function(F.layer_norm, FunctionalLayerNorm())
-RULES.register_module(nn.LocalResponseNorm, LocalResponseNormRule())
-RULES.register_function(F.normalize, NormalizeRule())
-RULES.register_module(nn.PixelShuffle, PixelShuffleRule())
-for _k, _mods, _fns in (
-    (1, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d,
-         nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ConstantPad1d, nn.ZeroPad1d, nn.CircularPad1d),
-     (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)),
-    (2, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
-         nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ConstantPad2d, nn.ZeroPad2d, nn.CircularPad2d,
-         nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
-     (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)),
-    (3, (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.ReflectionPad3d,
-         nn.ReplicationPad3d, nn.ConstantPad3d, nn.ZeroPad3d, nn.CircularPad3d),
-     (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d)),
-):
-    _rule = PoolRule(_k, name=f"pool{_k}d")
-    RULES.register_module(_mods, _rule)
-    RULES.register_function(_fns, _rule)
+def bind_aten(node: fx.Node, gm: fx.GraphModule) -> NormCall | None:
+    a = schema_args(node)
+    name = aten_name(node)
+    x = a.get("input")
+    if not isinstance(x, fx.Node) or shape_of(x) is None:
+        return None
+    nd = len(shape_of(x))
+    if name == "group_norm":
+        return NormCall("group", x, _tensors(a, ("weight", "bias")), 1, a.get("num_groups"), spelling="aten")
+    if name in ("layer_norm", "rms_norm", "native_layer_norm"):
+        shape = a.get("normalized_shape")
+        if not isinstance(shape, (list, tuple)):
+            return None
+        return NormCall("last", x, _tensors(a, ("weight", "bias")), normalized=len(shape), spelling="aten")
+    ch = 1 if nd > 1 else 0
+    stats: tuple[int, ...] = ()
+    if name == "instance_norm" and a.get("use_input_stats", True) is not False:
+        stats = tuple(range(2, nd))
+    elif a.get("training") is True and name != "_native_batch_norm_legit_no_training":
+        stats = tuple(d for d in range(nd) if d != ch)
+    return NormCall("channel", x, _tensors(a, _CHANNEL_PARAMS), ch, stats_dims=stats, spelling="aten")
 
 
-class GridSampleRule(Rule):
-    """``F.grid_sample(x, grid)``: x (N, C, *in) sampled at grid (N, *out, k) → (N, C, *out). Each channel is
-    sampled alike, so the channel dim passes through; the output's spatial dims follow the grid's."""
-
-    name = "grid_sample"
-    example = staticmethod(lambda: ex_grid_sample())
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        x, grid = rc.arg(0, "input"), rc.arg(1, "grid")
-        if not (rc.is_tensor(x) and rc.is_tensor(grid)):
-            return
-        rc.tie(rc.act(x, 0), rc.out(0))
-        rc.tie(rc.act(x, 1), rc.out(1))
-        rc.tie(rc.act(grid, 0), rc.out(0))
-        for d in range(1, len(rc.shape(grid)) - 1):
-            rc.tie(rc.act(grid, d), rc.out(d + 1))
-
-
-def ex_grid_sample():
-    class M(nn.Module):
-        """RAFT-style: a coordinate grid built at run time (meshgrid of aranges), features sampled on it."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 3, padding=1)
-            self.b = nn.Conv2d(10, 4, 1)
-
-        def forward(self, x):
-            n, _, h, w = x.shape
-            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            xy = torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy")[0]  # == ys
-            grid = torch.stack([xs, xy], 0).to(x.dtype)[None].expand(n, -1, -1, -1)
-            y = F.grid_sample(self.a(x), grid.permute(0, 2, 3, 1) / 3.0 - 0.7, align_corners=False)
-            return self.b(torch.cat([y, grid], 1))
-
-    return M(), (torch.randn(2, 3, 5, 6),)
-
-
-RULES.register_function(F.grid_sample, GridSampleRule())
-
-
-class _ResampleRule(PoolRule):
-    """nn.Upsample / F.interpolate / F.pad: the resampled dims are the trailing ``ndim - 2`` ones."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(0, name)
-
-    def spatial_dims(self, node, rc: RuleContext) -> int:
-        nd = len(rc.shape(rc.arg(0, "input")))
-        if node.target is F.pad:
-            pad = rc.arg(1, "pad")
-            return len(pad) // 2 if isinstance(pad, (list, tuple)) else nd
-        return nd - 2
-
-
-RULES.register_module(nn.Upsample, _ResampleRule("upsample"))
-RULES.register_function((F.interpolate, F.upsample, F.pad), _ResampleRule("resample"))
+_channel_modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+                    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+RULES.register_module(_channel_modules, Bound(NORM, bind_module, "per_channel_norm"))
+RULES.register_module(nn.GroupNorm, Bound(NORM, bind_module, "group_norm"))
+_last = Bound(NORM, bind_module, "layer_norm")
+_last.lossy = True
+RULES.register_module((nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()), _last)
+RULES.register_module(nn.LocalResponseNorm, Bound(NORM, bind_module, "local_response_norm"))
+RULES.register_function((F.batch_norm, F.instance_norm), Bound(NORM, bind_function, "F.batch_norm"))
+RULES.register_function(F.group_norm, Bound(NORM, bind_function, "F.group_norm"))
+_flast = Bound(NORM, bind_function, "F.layer_norm")
+_flast.lossy = True
+RULES.register_function((F.layer_norm,) + ((F.rms_norm,) if hasattr(F, "rms_norm") else ()), _flast)
+_fnorm = Bound(NORM, bind_function, "F.normalize")
+_fnorm.lossy = True
+RULES.register_function(F.normalize, _fnorm)
+RULES.register_function(aten_overloads("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+                                       "native_batch_norm", "_batch_norm_impl_index", "instance_norm",
+                                       "_native_batch_norm_legit_functional"), Bound(NORM, bind_aten, "aten.batch_norm"))
+RULES.register_function(aten_overloads("group_norm"), Bound(NORM, bind_aten, "aten.group_norm"))
+_alast = Bound(NORM, bind_aten, "aten.layer_norm")
+_alast.lossy = True
+RULES.register_function(aten_overloads("layer_norm", "rms_norm", "native_layer_norm"), _alast)

@@ -273,8 +273,6 @@ class _Homogeneity:
         return [x for x in node.all_input_nodes if x.name in self.carrying]
 
     def _scaled(self, node: fx.Node) -> bool:
-        from ..passes.absorb import POSITIONAL_RULES
-
         if node.op == "call_module" and str(node.target) in self.bns:
             return True
         ins = self._carrying_inputs(node)
@@ -288,7 +286,7 @@ class _Homogeneity:
                 return len(tensors) == 1 and self.scaled(tensors[0]) and (
                     node.target is not operator.truediv or node.args[0] is tensors[0])
             rule = self.rules.lookup(self.gm, node)
-            ok = node.target in _HOMOGENEOUS_FUNCTIONS or isinstance(rule, tuple(POSITIONAL_RULES))
+            ok = node.target in _HOMOGENEOUS_FUNCTIONS or (rule is not None and rule.locality(node) == "positional")
             if node.target in (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub):
                 return len(ins) == len(node.all_input_nodes) and all(self.scaled(x) for x in ins)
         elif node.op == "call_method":
@@ -296,7 +294,7 @@ class _Homogeneity:
                 tensors = node.all_input_nodes
                 return len(tensors) == 1 and self.scaled(tensors[0])
             rule = self.rules.lookup(self.gm, node)
-            ok = node.target in _HOMOGENEOUS_METHODS or isinstance(rule, tuple(POSITIONAL_RULES))
+            ok = node.target in _HOMOGENEOUS_METHODS or (rule is not None and rule.locality(node) == "positional")
             if node.target in ("add", "add_", "sub", "sub_"):
                 return len(ins) == len(node.all_input_nodes) and all(self.scaled(x) for x in ins)
         else:

@@ -57,7 +57,7 @@ from ..errors import ConfigError, InputError
 from ..ir import ChannelGroup, member_units
 from ..passes.importance import ImportancePass, slice_values
 from ..pipeline import Context, PassResult
-from ..rules.base import _lookup_tensor
+from ..rules.base import lookup_tensor
 
 __all__ = [
     "MagnitudePruner",
@@ -551,7 +551,7 @@ class DeadUnitImportance(ImportancePass):
                 normed = True
             if ps.is_buffer:
                 continue
-            units, vals = slice_values(_lookup_tensor(gm, ps.param)[0], ps)
+            units, vals = slice_values(lookup_tensor(gm, ps.param)[0], ps)
             v = np.array([float(x.abs().sum()) for x in vals]) if isinstance(vals, list) \
                 else vals.abs().double().sum(1).numpy()
             np.add.at(l1, units, v)

@@ -24,7 +24,7 @@ from ..ir import Selection
 from ..passes.group import Analysis, analyze_graph
 from ..passes.rewrite import rewrite_graph
 from ..passes.select import choose_units
-from ..passes.verify import compare_outputs, flatten_outputs, masked_reference
+from ..passes.verify import compare_outputs, masked_reference, run_outputs
 from ..rules import RULES, RuleTable
 
 __all__ = [
@@ -80,15 +80,6 @@ def assert_model_unchanged(model: nn.Module, snap: dict[str, torch.Tensor], trai
         assert model.training == training, "model's training flag changed"
 
 
-def _run(m: nn.Module, inputs: Sequence[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
-    m = copy.deepcopy(m).eval()
-    if dtype is not None:
-        m = m.to(dtype)
-        inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
-    with torch.no_grad():
-        return flatten_outputs(m(*inputs))
-
-
 def prune_with(model: nn.Module, example_inputs: Any, selection: Selection | Callable[[Analysis], Selection] | None = None,
                *, seed: int = 0, unknown_ops: str = "error", allow_lossy: bool = False,
                rules: RuleTable = RULES, leaf_modules: Sequence[Any] = ()) -> PruneCheck:
@@ -135,9 +126,9 @@ def assert_prune_equivalent(
                      rules=rules, leaf_modules=leaf_modules)
     chk.module.graph.lint()
     for inputs in [chk_inputs(example_inputs), *[chk_inputs(x) for x in extra_inputs]]:
-        got = _run(chk.module, inputs, dtype)
-        want = _run(chk.reference, inputs, dtype)
-        orig = _run(chk.original, inputs, dtype)
+        got = run_outputs(chk.module, inputs, dtype)
+        want = run_outputs(chk.reference, inputs, dtype)
+        orig = run_outputs(chk.original, inputs, dtype)
         assert [t.shape for t in got] == [t.shape for t in orig], (
             f"output shapes changed: {[tuple(t.shape) for t in orig]} -> {[tuple(t.shape) for t in got]}"
         )
@@ -179,6 +170,6 @@ def assert_transform_equivalent(
     out = transform(gm)
     out.graph.lint()
     for xs in [inputs, *[chk_inputs(x) for x in extra_inputs]]:
-        msg = compare_outputs(_run(out, xs, dtype), _run(before, xs, dtype), rtol, atol)
+        msg = compare_outputs(run_outputs(out, xs, dtype), run_outputs(before, xs, dtype), rtol, atol)
         assert not msg, f"transform changed the outputs: {msg}"
     return out

@@ -19,6 +19,7 @@ element-wise.
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 from typing import Any, Iterator
 
@@ -28,10 +29,10 @@ from torch import nn
 
 from .. import meta
 from .base import RULES, Rule, RuleContext
-from . import norm as _norm
+from .calls import aten_overloads
 from .elementwise import Unary
 
-__all__ = ["NoOp", "Opaque", "Creation", "size_source", "size_deps"]
+__all__ = ["NoOp", "Opaque", "Creation", "AtenCreation", "Pinned", "size_source", "size_deps", "shape_sources"]
 
 
 class NoOp(Rule):
@@ -168,8 +169,6 @@ class Creation(Rule):
         self.size_pos = size_pos
         self.varargs = varargs
 
-    example = staticmethod(lambda: _ex_creation())
-
     def _split(self, node: fx.Node) -> tuple[Any, list[Any]]:
         """(size argument or None, the other arguments whose values matter)."""
         args = list(node.args[1:] if node.op == "call_method" else node.args)
@@ -231,28 +230,6 @@ def _is_sequence_node(v: Any) -> bool:
     return isinstance(cv, (tuple, list, torch.Size)) or _is_shape_of(v) is not None
 
 
-def _ex_creation():
-    class M(nn.Module):
-        """Positional-encoding style: created tensors sized from the input (edgenext), from a prunable
-        activation (follow it: zeros/ones/full), and a literal-sized constant; arange over a spatial size."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 3, padding=1)
-            self.b = nn.Conv2d(8, 4, 1)
-
-        def forward(self, x):
-            y = self.a(x)
-            b, c, h, w = y.shape
-            mask = ~torch.zeros((b, h, w)).to(dtype=torch.bool)
-            pos = mask.cumsum(2, dtype=torch.float32)[:, None] / w
-            bias = torch.ones(1, c, 1, 1) * 0.5 + y.new_zeros(y.shape[:2] + (1, 1)) + torch.full((c, 1, 1), 2.0)
-            ramp = torch.arange(w, dtype=torch.float32) + torch.zeros_like(y)
-            return self.b(y * bias + pos + ramp + torch.zeros(1, 1, h, 1))
-
-    return M(), (torch.randn(2, 3, 5, 6),)
-
-
 _fill = Creation("creation.fill", "fill")
 RULES.register_function((torch.zeros, torch.ones, torch.empty, torch.rand, torch.randn), _fill)
 RULES.register_method(("new_zeros", "new_ones", "new_empty"), _fill)
@@ -271,7 +248,6 @@ class MeshgridRule(Rule):
     output is dim 0 of input ``j`` (with ``indexing="xy"`` the first two swap)."""
 
     name = "meshgrid"
-    example = staticmethod(lambda: _norm.ex_grid_sample())
 
     def analyze(self, node, rc: RuleContext) -> None:
         ins = [a for a in node.args if isinstance(a, fx.Node)]
@@ -291,8 +267,6 @@ class MeshgridRule(Rule):
 
 
 RULES.register_function(torch.meshgrid, MeshgridRule())
-RULES.functions.setdefault(operator.invert, Unary("invert", example=_ex_creation))  # ~mask
-
 RULES.register_function(torch._assert, NoOp())
 try:
     from torchvision.models import swin_transformer as _swin
@@ -307,3 +281,60 @@ try:
     RULES.register_function((_sd.stochastic_depth, _db.drop_block2d, _db.drop_block3d), Unary("stochastic"))
 except ImportError:  # pragma: no cover
     pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the torch.export spellings: creation ops, assertions, size arithmetic, ops whose index arithmetic is
+# not modelled
+
+
+class AtenCreation(Rule):
+    """ATen zeros / ones / full / arange / new_zeros ...: a new tensor; tensor arguments are read for dtype and
+    device only, and the output (with its literal sizes) is pinned, so no literal ever needs patching."""
+
+    name = "aten.creation"
+
+    def analyze(self, node, rc: RuleContext) -> None:
+        for x in rc.tensor_args():
+            for ax in rc.all_dims(x):
+                rc.free(ax)
+
+
+class Pinned(Rule):
+    """An op whose index arithmetic fxprune does not model (gather, advanced indexing, sort, item...):
+    every dim it touches is pinned. Exact, never a guess."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def analyze(self, node, rc: RuleContext) -> None:
+        return  # RuleContext.finish() pins every input and output dim
+
+    def positional_dim(self, node) -> int | None:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        return dim if isinstance(dim, int) and "index_select" in str(node.target) else None
+
+
+_no_op = NoOp()
+RULES.register_function(aten_overloads("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range",
+                                       "sym_constrain_range_for_size", "_assert_async", "_functional_assert_async",
+                                       "_functional_sym_constrain_range", "_functional_sym_constrain_range_for_size",
+                                       "_print"), _no_op)
+_pinned = Pinned("pinned")
+_SYM = [getattr(torch, n) for n in ("sym_max", "sym_min", "sym_float", "sym_int", "sym_not", "sym_ite", "sym_sqrt",
+                                     "sym_sum") if hasattr(torch, n)]
+for _fn in _SYM + [math.ceil, math.floor, math.trunc, math.sqrt, builtins.max, builtins.min, builtins.round,
+                   builtins.int, builtins.float, operator.floordiv, operator.truediv, operator.mod]:
+    RULES.functions.setdefault(_fn, _pinned)  # arithmetic on sizes: no tensors, nothing to tie
+RULES.register_function(aten_overloads(
+    "zeros", "ones", "full", "empty", "empty_strided", "arange", "scalar_tensor", "eye", "linspace", "new_zeros",
+    "new_ones", "new_full", "new_empty", "new_empty_strided", "rand", "randn", "randint", "tensor", "tril_indices",
+    "triu_indices"), AtenCreation())
+RULES.register_function(aten_overloads(
+    "index", "_unsafe_index", "index_select", "gather", "scatter", "scatter_", "scatter_add", "scatter_add_",
+    "masked_select", "nonzero", "sort", "argsort", "topk", "_local_scalar_dense", "item", "unfold", "triu", "tril",
+    "diag", "diagonal", "bucketize", "searchsorted", "one_hot", "multinomial", "as_strided", "im2col", "col2im",
+    "upsample_nearest2d_backward", "nll_loss_forward", "index_add", "index_copy", "index_fill", "masked_scatter",
+    "embedding_bag", "_embedding_bag", "histc", "bincount", "unique_consecutive", "_unique2", "native_dropout", "stft",
+    "fft_rfft", "fft_irfft", "fft_fft", "view_as_real", "view_as_complex", "_cdist_forward", "cdist",
+    "_weight_norm_interface", "_weight_int4pack_mm", "meshgrid", "cartesian_prod"), _pinned)
