@@ -208,7 +208,7 @@ def part_a(data, args) -> tuple[str, list[dict]]:
                         acc0=acc0, near0=near0, gmed=float(np.median(g)), acc1=acc1, kl=kl, acc2=acc2,
                         params=res.report.params_after / res.report.params_before,
                         macs=res.report.macs_after / res.report.macs_before,
-                        guard=len(res.context.extras["slimming"]["guarded"])))
+                        guard=len(res.facts["slimming"]["guarded"])))
                 print(f"  A {name} seed {seed} {regime}: acc {acc0:.4f}, |γ|<1%max {near0:.2f}", flush=True)
         for (regime, p), rs in per.items():
             rows.append({"model": name, "training": regime, "λ": 0.0 if regime == "normal" else lam, "prune %": int(p * 100),

@@ -28,6 +28,7 @@ from .errors import ConfigError, FxpruneError, InputError, TraceError, Unsupport
 from .flops import count_cost
 from .ir import ChannelGroup, Selection
 from .passes import GroupChannels, ImportancePass, Rewrite, Select, Verify
+from .passes.rewrite import provenance
 from .passes.importance import IMPORTANCE, _named as named_importance
 from .pipeline import Context, Pass, Pipeline
 from .rules import RULES, Rule, RuleTable
@@ -126,6 +127,18 @@ class CompileResult:
     context: Context
     #: hierarchical front end only: the compile result of each pruned region, by its path in the model
     regions: dict[str, "CompileResult"] = field(default_factory=dict)
+    #: the facts the passes left (:mod:`fxprune.meta` keys): the traced graph's, then the result's
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def absorbed(self) -> tuple[Any, ...]:
+        """The constants the absorb pass folded (:class:`fxprune.passes.absorb.Absorbed` records)."""
+        return tuple(self.facts.get("absorbed") or ())
+
+    @property
+    def reconstruction(self) -> dict[str, tuple[float, float]]:
+        """Per refitted layer: relative reconstruction error on the calibration data before and after."""
+        return dict(self.facts.get("reconstruction") or {})
 
     @property
     def groups(self) -> tuple[ChannelGroup, ...]:
@@ -363,8 +376,7 @@ def compile(
     # -- work ---------------------------------------------------------------------------------------
     try:
         gm, inputs, capture_note = _prepare(model, inputs, leaf_modules, rules, frontend)
-        ctx = Context(model=model, example_inputs=inputs, original=gm, calib=calib, seed=seed)
-        ctx.extras["pipeline"] = pipe  # lets a criterion see the downstream Select (e.g. LASSO's exact count)
+        ctx = Context(model=model, example_inputs=inputs, original=gm, calib=calib, seed=seed, pipeline=pipe)
         if capture_note:
             ctx.notes.append(capture_note)
         before = meta.get(gm, "cost")
@@ -397,10 +409,15 @@ def compile(
         out = rewrite_graph(gm, meta.get(gm, "groups") or analyze_graph(gm, rules, "block"), Selection(), inputs)
     out.train(model.training)
     after = meta.get(out, "cost") or count_cost(out)
-    analysis = ctx.extras.get("analysis") or meta.get(gm, "groups")
-    selection = ctx.extras.get("selection") or Selection()
+    prov = provenance(out)
+    analysis = prov.analysis if prov is not None else meta.get(gm, "groups")
+    selection = prov.selection if prov is not None else Selection()
+    facts = {k: meta.get(g, k) for g in (gm, out) for k in meta.KEYS if meta.has(g, k)}
+    for key in meta.KEYS:  # facts of the run stay with the result, not in the module the user ships
+        if key not in ("shapes", "cost"):
+            meta.drop(out, key)
     report = _report(gm, out, before, after, analysis, selection, ctx, time.perf_counter() - t0)
-    return CompileResult(out, report, gm, analysis, selection, pipe, ctx)
+    return CompileResult(out, report, gm, analysis, selection, pipe, ctx, facts=facts)
 
 
 def _opaque_function(exc: Exception) -> str | None:

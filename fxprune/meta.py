@@ -17,8 +17,16 @@ key                 where         value
 ``importance``      gm.meta       ``dict[group_id, np.ndarray]`` one score per unit (higher = keep)
 ``selection``       gm.meta       :class:`fxprune.ir.Selection`
 ``cost``            gm.meta       :class:`fxprune.flops.Cost` of the graph
+``pruned_from``     gm.meta       :class:`fxprune.passes.rewrite.Provenance`: the graph this one was
+                                  rewritten from, its groups and the selection applied
+``absorbed``        gm.meta       tuple of :class:`fxprune.passes.absorb.Absorbed` (constants folded)
+``reconstruction``  gm.meta       ``{site: (relative error before, after)}`` of a refit
 ``stack_trace``     node.meta     the user's source stack of the node (torch.fx's own key)
 ==================  ============  ===========================================================
+
+Facts are the only channel between passes: a pass declares every key it reads (``reads``; optional ones
+in ``optional_reads``) and writes, and :meth:`fxprune.pipeline.Pipeline.check` rejects a pipeline in which a
+pass would find a fact missing. A library that adds passes declares its own keys with :func:`declare`.
 
 Stack traces are not recorded while tracing (recording them costs as much as the whole analysis of a deep
 network); :func:`stack_trace` computes them on demand, only when an error message needs a source line.
@@ -32,16 +40,26 @@ from typing import Any
 import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-__all__ = ["KEYS", "get", "put", "has", "drop", "tensor_meta", "shape_of", "is_multi", "concrete_value",
+__all__ = ["KEYS", "declare", "check_key", "get", "put", "has", "drop", "tensor_meta", "shape_of", "is_multi", "concrete_value",
            "set_concrete_value", "stack_trace", "set_source_finder", "copy_source_finder"]
 
-#: Graph-level keys a pass may declare in ``reads``/``writes``.
-KEYS = ("shapes", "groups", "importance", "selection", "cost")
+#: Graph-level keys a pass may declare in ``reads``/``writes`` (grown by :func:`declare`).
+KEYS: list[str] = ["shapes", "groups", "importance", "selection", "cost", "pruned_from", "absorbed", "reconstruction"]
 
 _PREFIX = "fxprune."
 
 
-def _check(key: str) -> str:
+def declare(key: str) -> str:
+    """Declare a new graph-level fact (for passes outside fxprune's core); returns ``key``."""
+    if not isinstance(key, str) or not key.isidentifier():
+        raise KeyError(f"a meta key must be an identifier, got {key!r}")
+    if key not in KEYS:
+        KEYS.append(key)
+    return key
+
+
+def check_key(key: str) -> str:
+    """The stored name of declared key ``key`` (a ``KeyError`` for an undeclared one)."""
     if key not in KEYS:
         raise KeyError(f"unknown fxprune meta key {key!r}; known keys: {', '.join(KEYS)}")
     return _PREFIX + key
@@ -49,20 +67,20 @@ def _check(key: str) -> str:
 
 def get(gm: fx.GraphModule, key: str, default: Any = None) -> Any:
     """Read graph-level fact ``key`` (one of :data:`KEYS`)."""
-    return gm.meta.get(_check(key), default)
+    return gm.meta.get(check_key(key), default)
 
 
 def put(gm: fx.GraphModule, key: str, value: Any) -> None:
     """Write graph-level fact ``key``."""
-    gm.meta[_check(key)] = value
+    gm.meta[check_key(key)] = value
 
 
 def has(gm: fx.GraphModule, key: str) -> bool:
-    return _check(key) in gm.meta
+    return check_key(key) in gm.meta
 
 
 def drop(gm: fx.GraphModule, key: str) -> None:
-    gm.meta.pop(_check(key), None)
+    gm.meta.pop(check_key(key), None)
 
 
 def tensor_meta(node: Any) -> Any:

@@ -2,7 +2,10 @@
 
 A pass is a small object (its options are dataclass fields) with a ``name``, the meta keys it ``reads``
 and ``writes`` (see :mod:`fxprune.meta`), the keys it ``invalidates`` (a rewrite makes the old groups
-meaningless) and ``run(gm, ctx) -> PassResult``. A :class:`Pipeline` is a tuple of passes, also
+meaningless) and ``run(gm, ctx) -> PassResult``. What a pass needs may depend on its options
+(``verify(equivalence=True)`` needs the rewrite's provenance, ``verify`` alone does not): :meth:`Pass.requires`
+answers for an instance, and facts passes exchange are meta keys only — :class:`Context` carries the run's
+inputs (model, example inputs, calibration data, the pipeline itself), never facts. A :class:`Pipeline` is a tuple of passes, also
 parseable from a string (``"group | importance(criterion='l1') | select(ratio=0.5) | rewrite | verify"``)
 or a list of dicts, and checked before it runs: a pass whose inputs no earlier pass produces is a
 :class:`~fxprune.errors.PipelineError` up front, not halfway through.
@@ -47,8 +50,10 @@ class PassResult:
 
 @dataclass
 class Context:
-    """State shared by the passes of one compile: the user's model (read-only), inputs, the traced
-    unpruned graph (``original``), calibration data and free-form extras for user passes."""
+    """The inputs of one compile shared by its passes: the user's model (read-only), example inputs, the
+    traced unpruned graph (``original``), calibration data, the pipeline being run, the report's notes and
+    the pass log. ``extras`` is a scratch dict for *user* passes; fxprune's own passes exchange facts through
+    meta keys only (:mod:`fxprune.meta`)."""
 
     model: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
@@ -58,6 +63,10 @@ class Context:
     log: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the calibration batches of a one-shot iterator, kept for the passes that re-read them
+    calib_cache: list[Any] | None = None
+    #: the pipeline being run (a criterion may read the downstream selection's options, e.g. LASSO's count)
+    pipeline: "Pipeline | None" = None
 
 
 class Pass:
@@ -65,8 +74,14 @@ class Pass:
 
     name: ClassVar[str] = "pass"
     reads: ClassVar[tuple[str, ...]] = ()
+    #: keys read when present (the pass works without them)
+    optional_reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
     invalidates: ClassVar[tuple[str, ...]] = ()
+
+    def requires(self) -> tuple[str, ...]:
+        """The keys this instance cannot run without (default: :attr:`reads`; options may add some)."""
+        return tuple(self.reads)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         raise NotImplementedError
@@ -98,7 +113,7 @@ def graph_pass(name: str | None = None, reads: Iterable[str] = (), writes: Itera
 
     def wrap(fn: Callable) -> Pass:
         for k in (*reads, *writes, *invalidates):
-            meta._check(k)
+            meta.check_key(k)
         return _FunctionPass(fn, name or fn.__name__, tuple(reads), tuple(writes), tuple(invalidates))
 
     return wrap
@@ -169,9 +184,16 @@ class Pipeline:
         return Pipeline(tuple(out))
 
     def check(self, provided: Iterable[str] = ("shapes", "cost")) -> None:
+        """Reject, before any work, a pipeline in which a pass would find a fact it requires missing (facts
+        are meta keys: :mod:`fxprune.meta`)."""
         have = set(provided)
         for i, p in enumerate(self.passes):
-            missing = [k for k in p.reads if k not in have]
+            for k in (*p.requires(), *p.writes, *getattr(p, "optional_reads", ())):
+                try:
+                    meta.check_key(k)
+                except KeyError as exc:
+                    raise PipelineError(f"pass #{i} '{p.name}' declares {exc.args[0]}") from None
+            missing = [k for k in p.requires() if k not in have]
             if missing:
                 writers = [q.name for q in self.passes[i + 1 :] if set(q.writes) & set(missing)]
                 hint = f" ('{writers[0]}' writes it but runs later)" if writers else ""
@@ -185,6 +207,7 @@ class Pipeline:
     def run(self, gm: fx.GraphModule, ctx: Context,
             callback: Callable[[Pass, PassResult], None] | None = None) -> fx.GraphModule:
         self.check(k for k in meta.KEYS if meta.has(gm, k))
+        ctx.pipeline = self
         for p in self.passes:
             t0 = time.perf_counter()
             res = p.run(gm, ctx)

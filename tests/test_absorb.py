@@ -169,7 +169,7 @@ def test_no_bias_consumer_followed_by_bn_uses_running_mean():
     res = _compile_exact(model, _img())
     c2 = res.module.get_submodule("c2")
     assert c2.bias is None  # folded into b2.running_mean instead of creating a bias
-    rec = res.context.extras["absorbed"]
+    rec = res.absorbed
     assert [(r.module, r.attr) for r in rec] == [("b2", "running_mean")]
     # "bias" mode creates the bias instead; both exact
     pipe = ("group | importance(criterion='bn_scale') | select(threshold=0.0) | rewrite | absorb(into='bias') "
@@ -188,7 +188,7 @@ def test_residual_group_with_all_gammas_zero_is_exact():
     res = _compile_exact(model, _img())
     assert res.module.get_submodule("stem").out_channels == 6
     assert res.module.get_submodule("c1").out_channels == 6
-    consumers = {r.consumer for r in res.context.extras["absorbed"]}
+    consumers = {r.consumer for r in res.absorbed}
     assert {"c1", "c2", "head"} <= consumers
 
 
@@ -234,7 +234,7 @@ def test_spatially_constant_data_does_not_make_a_channel_constant():
     model = _rand_bn(ConvBNConv()).to(D).eval()
     x = torch.ones(1, 3, 10, 10, dtype=D)
     res = fxprune.compile(model, x, importance="l2", ratio=0.5, verify="equivalence")
-    assert res.context.extras.get("absorbed", ()) == ()
+    assert res.absorbed == ()
     assert res.module.get_submodule("c2").in_channels == 4
 
 
@@ -264,7 +264,7 @@ def test_input_dependent_gate_blocks_absorption():
 
     res = fxprune.compile(model, x, pipeline=[fxprune.GroupChannels(), _fixed(sel), fxprune.Rewrite(), AbsorbConstants(),
                                               fxprune.Verify(equivalence=True)])
-    assert res.context.extras["absorbed"] == ()
+    assert res.absorbed == ()
 
 
 def test_zero_filter_with_bias_is_a_constant_source():
@@ -308,7 +308,8 @@ def test_bad_options_and_misplaced_pass():
     with pytest.raises(ConfigError):
         AbsorbConstants(min_agreement=0)
     model = ConvBNConv().eval()
-    with pytest.raises(PipelineError, match="after rewrite"):
+    # the misplaced pass is rejected before any work: it reads the rewrite's provenance
+    with pytest.raises(PipelineError, match=r"'absorb' reads \['pruned_from'\]"):
         fxprune.compile(model, torch.randn(1, 3, 8, 8), pipeline="group | importance | select(ratio=0.5) | absorb")
 
 
@@ -317,6 +318,6 @@ def test_absorb_is_a_noop_for_ordinary_pruning():
     x = _img()
     a = fxprune.compile(model, x, ratio=0.5, verify="equivalence")
     b = fxprune.compile(model, x, ratio=0.5, absorb=False)
-    assert a.context.extras["absorbed"] == ()
+    assert a.absorbed == ()
     with torch.no_grad():
         _close(a.module(x), b.module(x), atol=0)

@@ -79,14 +79,14 @@ def test_group_gram_equals_layer_reruns(mode):
     m, gm, an, ctx, calib = _setup()
     g = _group_of(an, "c1")
     plan = plan_groups(gm, [g])
-    assert set(plan.sites) == {"g", "c2"}  # two consumers: the objective sums over both
+    assert set(plan.sites) == {"g.weight", "c2.weight"}  # two consumers: the objective sums over both
     stats = collect(ctx, gm, plan.sites, mode=mode)
     G, c, yy = group_gram(g.id, g.size, plan, stats)
     ref = _naive_gram(m, calib, m.g, [[u] for u in range(8)]) + _naive_gram(m, calib, m.c2, [[u] for u in range(8)])
     np.testing.assert_allclose(G, ref, rtol=1e-9, atol=1e-9)
     # one-shot on the original: the target is the full bias-free output, so for a consumer fed only by
     # this group, c = G·1
-    Gc2, cc2, _ = stats["c2"].gram()
+    Gc2, cc2, _ = stats["c2.weight"].gram()
     np.testing.assert_allclose(cc2.numpy(), Gc2.sum(1).numpy(), rtol=1e-9)
 
 
@@ -94,7 +94,7 @@ def test_flatten_linear_blocks():
     m, gm, an, ctx, calib = _setup()
     g = _group_of(an, "c2")
     plan = plan_groups(gm, [g])
-    assert set(plan.sites) == {"fc"}
+    assert set(plan.sites) == {"fc.weight"}
     stats = collect(ctx, gm, plan.sites)
     G, _, _ = group_gram(g.id, g.size, plan, stats)
     ref = _naive_gram(m, calib, m.fc, [list(range(u * 16, (u + 1) * 16)) for u in range(4)], flatten=True)

@@ -101,7 +101,7 @@ def test_grouped_consumer_keeps_structure_and_improves():
     m, calib = _setup(groups=2, seed=3)
     res = fxprune.compile(m, calib[0][:1], importance="l1", ratio=0.5, calib=calib, reconstruct="lstsq")
     assert res.module.c2.groups == 2
-    st = dict(res.context.extras["reconstruct"])["c2"]
+    st = dict(res.reconstruction)["c2"]
     assert st[1] < st[0]
 
 
@@ -109,7 +109,7 @@ def test_residual_multi_consumer_all_reconstructed():
     m, xs = build("residual")
     calib = [torch.randn(4, 3, 8, 8, dtype=torch.float64)]
     res = fxprune.compile(m, xs, importance="thinet", ratio=0.5, calib=calib, reconstruct="lstsq")
-    rec = res.context.extras["reconstruct"]
+    rec = res.reconstruction
     assert {"c1", "c2", "head"} <= set(rec)  # the stem/residual stream group is read by c1 and head; c1's by c2
     assert all(after <= before + 1e-12 for before, after in rec.values())
 
@@ -118,7 +118,7 @@ def test_unit_atoms_map_through_pruning():
     m, xs = build("flatten_linear")
     calib = [torch.randn(2, 1, 32, 32, dtype=torch.float64)]
     res = fxprune.compile(m, xs, importance="thinet", ratio=0.5, calib=calib, reconstruct="thinet")
-    atoms = unit_atoms(res.original, res.analysis, res.selection, "fc1", res.module.fc1.in_features)
+    atoms = unit_atoms(res.original, res.analysis, res.selection, "fc1.weight", res.module.fc1.in_features)
     assert len(atoms) == 8 and all(len(a) == 25 for a in atoms)  # 8 kept channels, 5x5 blocks
     assert sorted(np.concatenate(atoms).tolist()) == list(range(200))
 

@@ -112,7 +112,7 @@ def test_global_percentile_matches_brute_force(ratio):
     thr = allg[k - 1] if k else -np.inf
     res = slimming_prune(model, _x(), ratio=ratio, verify="equivalence")
     assert_model_unchanged(model, snap, training=False)
-    assert res.context.extras["slimming"]["threshold"] == pytest.approx(thr)
+    assert res.facts["slimming"]["threshold"] == pytest.approx(thr)
     for name, g in gam.items():
         want = model.get_submodule(name).weight.detach()[torch.as_tensor(g > thr)]
         got = res.module.get_submodule(name).weight.detach()
@@ -126,7 +126,7 @@ def test_guard_keeps_a_layer_that_the_threshold_would_empty(caplog):
     with caplog.at_level(logging.WARNING, logger="fxprune.sparsity.slimming"):
         res = slimming_prune(model, _x(), ratio=0.4, min_keep=2)
     assert res.module.get_submodule("features.3").out_channels == 2
-    assert res.context.extras["slimming"]["guarded"] == ("features.3",)
+    assert res.facts["slimming"]["guarded"] == ("features.3",)
     assert any("guard" in n for n in res.report.notes)
     assert any("guard" in r.message for r in caplog.records)
     with pytest.raises(ConfigError, match="features.3"):
@@ -138,7 +138,7 @@ def test_max_layer_ratio_caps_each_layer():
     res = slimming_prune(model, _x(), ratio=0.9, max_layer_ratio=0.5)
     for name, w in (("features.0", 6), ("features.3", 8), ("features.6", 10)):
         assert res.module.get_submodule(name).out_channels >= w // 2
-    assert res.context.extras["slimming"]["capped"]
+    assert res.facts["slimming"]["capped"]
 
 
 def test_residual_unit_kept_if_any_of_its_gammas_is_large():

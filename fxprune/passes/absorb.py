@@ -25,7 +25,7 @@ differ; the value at the centre is absorbed when it holds at ≥ ``min_agreement
 the report says the result is approximate at borders. Consumers other than ``nn.Conv*d`` (not
 transposed) / ``nn.Linear`` are left as they were (noted).
 
-The pass records what it did (:class:`Absorbed`) in ``ctx.extras["absorbed"]``; the Verify pass and
+The pass records what it did (:class:`Absorbed`) in the ``absorbed`` fact of the graph; the Verify pass and
 :func:`fxprune.passes.verify.masked_reference` apply the same records to the masked reference, so
 equivalence checks stay exact in every case.
 
@@ -52,8 +52,10 @@ from .. import meta
 from ..errors import ConfigError, PipelineError
 from ..ir import ChannelGroup, ParamSlice, Selection, member_units
 from ..pipeline import Context, Pass, PassResult
+from ..flops import count_cost
 from ..rules import RULES, RuleTable
-from ..rules.base import Rule, lookup_tensor
+from ..rules.base import lookup_tensor
+from .rewrite import provenance
 from ..meta import shape_of
 
 __all__ = ["AbsorbConstants", "Absorbed", "apply_absorbed", "plan_absorption"]
@@ -361,8 +363,8 @@ class AbsorbConstants(Pass):
     """
 
     name: ClassVar[str] = "absorb"
-    reads: ClassVar[tuple[str, ...]] = ()
-    writes: ClassVar[tuple[str, ...]] = ("cost",)
+    reads: ClassVar[tuple[str, ...]] = ("pruned_from",)
+    writes: ClassVar[tuple[str, ...]] = ("cost", "absorbed")
 
     into: str = "auto"
     min_agreement: float = 0.5
@@ -374,23 +376,22 @@ class AbsorbConstants(Pass):
             raise ConfigError(f"absorb: min_agreement must be in (0, 1], got {self.min_agreement!r}")
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        analysis, sel = ctx.extras.get("analysis"), ctx.extras.get("selection")
-        if analysis is None or sel is None or ctx.original is None:
-            raise PipelineError("absorb must run after rewrite (it needs the analysis and selection of the rewrite "
-                                "and the original graph)")
-        orig = ctx.original
+        prov = provenance(gm)
+        if prov is None:
+            raise PipelineError("absorb must run after rewrite (it needs the rewrite's provenance: the source "
+                                "graph, its groups and the selection)")
+        analysis, sel, orig = prov.analysis, prov.selection, prov.source
         plans, notes = plan_absorption(orig, analysis, sel)
         ctx.notes.extend(notes)
+        before = tuple(meta.get(gm, "absorbed") or ())
         if not plans:
-            ctx.extras.setdefault("absorbed", ())
+            meta.put(gm, "absorbed", before)
             return PassResult(gm, False, {"absorbed_channels": 0})
         records = self.compute(orig, plans, ctx.example_inputs, ctx.notes)
         keep_of = analysis.keep_fn(sel)
         apply_absorbed(gm, records, keep_of)
-        ctx.extras["absorbed"] = tuple(ctx.extras.get("absorbed", ())) + tuple(records)
+        meta.put(gm, "absorbed", before + tuple(records))
         if records:
-            from ..flops import count_cost
-
             meta.put(gm, "cost", count_cost(gm))
             n = sum(r.channels for r in records)
             approx = [r for r in records if not r.exact]

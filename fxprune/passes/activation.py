@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..calib import DataDrivenImportance, _finite, all_reduce_, calibration_batches, run_graph
+from ..calib import DataDrivenImportance, activations, all_reduce_, calibration_batches, finite, run_graph
 from ..errors import ConfigError
 from ..ir import ChannelGroup, ChannelRef, member_units
 from ..pipeline import Context
@@ -57,19 +57,19 @@ class ActivationImportance(DataDrivenImportance):
         acc: dict[tuple[str, int | None, int], list[torch.Tensor]] = {}
         watch: dict[str, list[tuple[int | None, int]]] = {}
         for g in groups:
-            for ref in g.channels:
+            for ref in activations(gm, g):
                 key = (ref.node, ref.output, ref.dim)
                 if key not in acc:
                     acc[key] = []
                     watch.setdefault(ref.node, []).append((ref.output, ref.dim))
         for b, inputs in enumerate(calibration_batches(ctx, self.progress, f"{self.stat} statistics")):
             def hook_for(node: str) -> Callable[[tuple, Any], None]:
-                def hook(args: tuple, value: Any) -> None:
+                def hook(env: Any, value: Any) -> None:
                     for out, dim in watch[node]:
                         v = value if out is None else value[out]
                         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
                             continue
-                        v = _finite(v, f"activation '{node}'", b).detach().double().movedim(dim, 0)
+                        v = finite(v, f"activation '{node}'", b).detach().double().movedim(dim, 0)
                         v = v.reshape(v.shape[0], -1)
                         stats = torch.stack([(v == 0).sum(1).double(), v.abs().sum(1),
                                              torch.full((v.shape[0],), float(v.shape[1]), dtype=torch.float64)])
@@ -85,7 +85,7 @@ class ActivationImportance(DataDrivenImportance):
         out: dict[int, np.ndarray | None] = {}
         for g in groups:
             per: list[tuple[np.ndarray, np.ndarray, bool]] = []  # (zero fraction, normalised mean, rectified)
-            for ref in g.channels:
+            for ref in activations(gm, g):
                 a = acc.get((ref.node, ref.output, ref.dim))
                 if not a:
                     continue

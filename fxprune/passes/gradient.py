@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import meta
+from ..calib import activations
 from ..errors import ConfigError, InputError
 from ..ir import ChannelGroup, ChannelRef, member_units
 from ..pipeline import Context, PassResult
@@ -393,8 +394,9 @@ class TaylorImportance(_GradientImportance):
         work = self._work(gm)
         wanted: dict[str, set[int | None]] = {}
         refs: list[tuple[int, int, ChannelRef]] = []
+        acts = {g.id: activations(gm, g) for g in groups}
         for g in groups:
-            for i, ref in enumerate(g.channels):
+            for i, ref in enumerate(acts[g.id]):
                 wanted.setdefault(ref.node, set()).add(ref.output)
                 refs.append((g.id, i, ref))
         acc: dict[tuple[int, int], np.ndarray] = {}
@@ -422,7 +424,7 @@ class TaylorImportance(_GradientImportance):
         out_scores: dict[int, np.ndarray | None] = {}
         for g in groups:
             per = []
-            for i, ref in enumerate(g.channels):
+            for i, ref in enumerate(acts[g.id]):
                 if (g.id, i) in acc:
                     full = np.full(g.size, np.nan)
                     full[member_units(ref)] = acc[(g.id, i)]

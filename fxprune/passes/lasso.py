@@ -29,7 +29,7 @@ from ..calib import DataDrivenImportance, collect, group_gram, order_scores, pla
 from ..errors import ConfigError
 from ..ir import ChannelGroup
 from ..pipeline import Context
-from .select import Select, _floor
+from .select import Select, floor_count
 
 __all__ = ["lasso_cd", "lasso_select", "LassoImportance", "target_keep"]
 
@@ -159,19 +159,27 @@ def lasso_path_order(G: np.ndarray, c: np.ndarray, pinned: Sequence[int] = (), s
     return sorted(range(U), key=lambda j: (not pin[j], -enter[j], -abs(beta[j]), j))
 
 
+def downstream_select(ctx: Context) -> Select | None:
+    """The :class:`Select` of the pipeline being run (a sequential step's own, when inside one)."""
+    for p in getattr(ctx.pipeline, "passes", ()):
+        if isinstance(p, Select):
+            return p
+        inner = getattr(p, "select", None)
+        if isinstance(inner, Select):
+            return inner
+    return None
+
+
 def target_keep(group: ChannelGroup, ctx: Context, ratio: float | None = None) -> int | None:
     """How many units the downstream :class:`Select` keeps in ``group`` (None when not a per-group ratio)."""
-    sel = ctx.extras.get("fxprune.select")
-    if sel is None:
-        pipe = ctx.extras.get("pipeline")
-        sel = next((p for p in getattr(pipe, "passes", ()) if isinstance(p, Select)), None)
+    sel = downstream_select(ctx)
     min_keep = 1
     if ratio is None:
         if sel is None or sel.threshold is not None or sel.target_macs is not None or sel.global_ranking:
             return None
-        ratio = sel._ratio_for(group, sel.ratio or 0.0)
+        ratio = sel.ratio_for(group, sel.ratio or 0.0)
         min_keep = sel.min_keep
-    keep = max(group.size - _floor(ratio, group.size), min_keep, len(group.pinned), 1)
+    keep = max(group.size - floor_count(ratio, group.size), min_keep, len(group.pinned), 1)
     return min(keep, group.size)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +25,27 @@ from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
 from ..rules.base import RewriteContext, lookup_tensor, slice_param
+from ..flops import count_cost
 from ..shapes import propagate_shapes
 
-__all__ = ["Rewrite", "rewrite_graph"]
+__all__ = ["Rewrite", "rewrite_graph", "Provenance", "provenance"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The ``pruned_from`` fact of a rewritten graph: the ``source`` graph, its groups (``analysis``) and the
+    ``selection`` the rewrite applied. Post-passes (absorb, verify, reconstruct) and the report read it."""
+
+    source: fx.GraphModule
+    analysis: Any
+    selection: Selection
+
+
+def provenance(gm: fx.GraphModule) -> Provenance | None:
+    """The ``pruned_from`` fact of ``gm`` (None when it is not a rewrite)."""
+    return meta.get(gm, "pruned_from")
 
 
 def rewrite_graph(
@@ -97,17 +113,15 @@ class Rewrite(Pass):
 
     name: ClassVar[str] = "rewrite"
     reads: ClassVar[tuple[str, ...]] = ("groups", "selection")
-    writes: ClassVar[tuple[str, ...]] = ("shapes", "cost")
-    invalidates: ClassVar[tuple[str, ...]] = ("groups", "importance", "selection")
+    writes: ClassVar[tuple[str, ...]] = ("shapes", "cost", "pruned_from")
+    invalidates: ClassVar[tuple[str, ...]] = ("groups", "importance", "selection", "absorbed", "reconstruction")
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        from ..flops import count_cost
-
         analysis = meta.get(gm, "groups")
         sel = meta.get(gm, "selection")
         new = rewrite_graph(gm, analysis, sel, ctx.example_inputs)
         # what this rewrite removed, for the verification and reconstruction post-passes
-        ctx.extras["analysis"], ctx.extras["selection"] = analysis, sel
+        meta.put(new, "pruned_from", Provenance(gm, analysis, sel))
         cost = count_cost(new)
         meta.put(new, "cost", cost)
         removed = sum(analysis.groups[gid].size - len(k) for gid, k in sel.keep)

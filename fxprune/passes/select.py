@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..ir import ChannelGroup, Selection
 from ..pipeline import Context, Pass, PassResult
 
-__all__ = ["Select", "choose_units", "validate_ratio"]
+__all__ = ["Select", "choose_units", "validate_ratio", "floor_count"]
 
 
 def validate_ratio(ratio: float, what: str = "ratio") -> float:
@@ -33,7 +33,7 @@ def validate_ratio(ratio: float, what: str = "ratio") -> float:
     return float(ratio)
 
 
-def _floor(ratio: float, size: int) -> int:
+def floor_count(ratio: float, size: int) -> int:
     return int(math.floor(ratio * size + 1e-9))
 
 
@@ -127,7 +127,7 @@ class Select(Pass):
                 n_remove[g.id] = int(sum(1 for u in range(g.size) if s[u] <= self.threshold and u not in g.pinned))
         elif self.global_ranking:
             total = sum(g.size for g in groups)
-            budget = _floor(ratio or 0.0, total)
+            budget = floor_count(ratio or 0.0, total)
             cand = sorted(
                 ((float(scores[g.id][u]), g.id, u) for g in groups for u in range(g.size) if u not in g.pinned)
             )
@@ -141,15 +141,15 @@ class Select(Pass):
                     budget -= 1
         else:
             for g in groups:
-                r = self._ratio_for(g, ratio or 0.0)
-                n_remove[g.id] = _floor(r, g.size)
+                r = self.ratio_for(g, ratio or 0.0)
+                n_remove[g.id] = floor_count(r, g.size)
         for g in groups:
             kept = choose_units(g, scores[g.id], n_remove[g.id], self.min_keep, self.round_to)
             if len(kept) < g.size:
                 keep[g.id] = kept
         return Selection.from_dict(keep)
 
-    def _ratio_for(self, g: ChannelGroup, default: float) -> float:
+    def ratio_for(self, g: ChannelGroup, default: float) -> float:
         """A per-module ratio applies to the groups whose channels that module *produces*."""
         if self.ratios:
             for p in g.params:

@@ -8,9 +8,9 @@ group's consumers (``reconstruct="thinet"`` or ``"lstsq"``), then call ``step_ca
 
 The pass replaces ``importance | select | rewrite`` of the default pipeline. It re-analyses the pruned
 graph at every step and finds the next group by its producers' parameter slices (pruning one group never
-changes another group's units). The selection it reports (``ctx.extras["selection"]``) is expressed in the
-groups of the original analysis, so the report and the masked-reference check work as usual (the check
-only holds when no step changed weights). Per-group ratios only: ``global_ranking``, ``threshold`` with
+changes another group's units). The selection it reports (the ``pruned_from`` fact of its result) is
+expressed in the groups of the original analysis, so the report and the masked-reference check work as
+usual (the check only holds when no step changed weights). Per-group ratios only: ``global_ranking``, ``threshold`` with
 cross-group meaning, and ``target_macs`` are not supported here.
 """
 
@@ -32,8 +32,10 @@ from ..pipeline import Context, Pass, PassResult
 from ..rules.base import lookup_tensor
 from .group import Analysis, analyze_graph
 from .importance import ImportancePass
-from .reconstruct import METHODS, _cin, consumers_of, reconstruct_modules, unit_atoms
-from .rewrite import rewrite_graph
+from ..calib import consumers
+from ..flops import count_cost
+from .reconstruct import METHODS, by_layer, consumers_of, input_count, reconstruct_sites, unit_atoms
+from .rewrite import Provenance, rewrite_graph
 from .select import Select
 
 __all__ = ["SequentialPrune"]
@@ -52,8 +54,8 @@ class SequentialPrune(Pass):
 
     name: ClassVar[str] = "sequential"
     reads: ClassVar[tuple[str, ...]] = ("groups",)
-    writes: ClassVar[tuple[str, ...]] = ("shapes", "cost")
-    invalidates: ClassVar[tuple[str, ...]] = ("groups", "importance", "selection")
+    writes: ClassVar[tuple[str, ...]] = ("shapes", "cost", "pruned_from", "reconstruction")
+    invalidates: ClassVar[tuple[str, ...]] = ("groups", "importance", "selection", "absorbed")
 
     criterion: ImportancePass
     select: Select
@@ -100,8 +102,6 @@ class SequentialPrune(Pass):
         return s
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        from ..flops import count_cost
-
         orig: Analysis = meta.get(gm, "groups")
         todo = [g for g in orig.groups if g.prunable]
         cur = gm
@@ -109,51 +109,49 @@ class SequentialPrune(Pass):
         out_idx: dict[str, np.ndarray] = {}
         final: dict[int, tuple[int, ...]] = {}
         errors: dict[str, tuple[float, float]] = {}
-        ctx.extras["fxprune.select"] = self.select
-        try:
-            for step, g0 in enumerate(todo):
-                if cur is not gm:
-                    an = analyze_graph(cur, orig.rules, "block", allow_lossy=True)
-                by_sig = {_signature(g): g for g in an.groups}
-                g = by_sig.get(_signature(g0))
-                if g is None or g.size != g0.size or g.blocked:
-                    ctx.notes.append(f"sequential: group {g0.id} ({g0.root}) not found intact after earlier steps; kept")
-                    continue
-                oi = lambda m: out_idx.get(m)  # noqa: E731
-                s = self._scores(cur, ctx, g, oi)
-                if s is None:
-                    ctx.notes.append(f"sequential: no score for group {g0.id} ({g0.root}); kept")
-                    continue
-                sel = self.select.select(an, {g.id: s})
-                if not sel.keep:
-                    continue
-                new = rewrite_graph(cur, an, sel, ctx.example_inputs)
-                keep_of = an.keep_fn(sel)
-                for name, _ in cur.named_modules():
-                    k = keep_of(("p", f"{name}.weight", 0))
-                    if k is not None:
-                        out_idx[name] = out_idx.get(name, np.arange(len(k)))[k]
-                if self.reconstruct is not None:
-                    mods = consumers_of(new, an, sel)
-                    atoms = ({m: unit_atoms(cur, an, sel, m, _cin(new.get_submodule(m))) for m in mods}
-                             if self.reconstruct == "thinet" else None)
-                    errors.update(reconstruct_modules(new, ctx, mods, self.reconstruct, oi, atoms, self.ridge,
-                                                      True, self.max_positions, ctx.seed, self.progress))
-                final[g0.id] = sel.as_dict()[g.id]
-                log.info("sequential step %d: group %d (%s) keeps %d of %d", step, g0.id, g0.root,
-                         len(final[g0.id]), g0.size)
-                if self.step_callback is not None:
-                    self.step_callback(new, {"step": step, "group": g0.id, "root": g0.root,
-                                             "kept": len(final[g0.id]), "size": g0.size})
-                cur = new
-        finally:
-            ctx.extras.pop("fxprune.select", None)
+        index = consumers(gm, orig.rules)
+        for step, g0 in enumerate(todo):
+            if cur is not gm:
+                an = analyze_graph(cur, orig.rules, "block", allow_lossy=True)
+            by_sig = {_signature(g): g for g in an.groups}
+            g = by_sig.get(_signature(g0))
+            if g is None or g.size != g0.size or g.blocked:
+                ctx.notes.append(f"sequential: group {g0.id} ({g0.root}) not found intact after earlier steps; kept")
+                continue
+            oi = lambda m: out_idx.get(m)  # noqa: E731
+            s = self._scores(cur, ctx, g, oi)
+            if s is None:
+                ctx.notes.append(f"sequential: no score for group {g0.id} ({g0.root}); kept")
+                continue
+            sel = self.select.select(an, {g.id: s})
+            if not sel.keep:
+                continue
+            new = rewrite_graph(cur, an, sel, ctx.example_inputs)
+            keep_of = an.keep_fn(sel)
+            for key, calls in index.items():
+                k = keep_of(("p", key, calls[0][1].out_dim))
+                if k is not None:
+                    out_idx[key] = out_idx.get(key, np.arange(len(k)))[k]
+            if self.reconstruct is not None:
+                keys = consumers_of(new, an, sel, orig.rules)
+                atoms = ({k: unit_atoms(cur, an, sel, k, input_count(new, k, orig.rules), orig.rules)
+                          for k in keys} if self.reconstruct == "thinet" else None)
+                errors.update(reconstruct_sites(new, ctx, keys, self.reconstruct, oi, ctx.original, atoms,
+                                                self.ridge, True, self.max_positions, ctx.seed, self.progress,
+                                                orig.rules))
+            final[g0.id] = sel.as_dict()[g.id]
+            log.info("sequential step %d: group %d (%s) keeps %d of %d", step, g0.id, g0.root,
+                     len(final[g0.id]), g0.size)
+            if self.step_callback is not None:
+                self.step_callback(new, {"step": step, "group": g0.id, "root": g0.root,
+                                         "kept": len(final[g0.id]), "size": g0.size})
+            cur = new
         if cur is gm:
             cur = rewrite_graph(gm, orig, Selection(), ctx.example_inputs)
         selection = Selection.from_dict(final)
-        ctx.extras["analysis"], ctx.extras["selection"] = orig, selection
+        meta.put(cur, "pruned_from", Provenance(gm, orig, selection))
         if errors:
-            ctx.extras.setdefault("reconstruct", {}).update(errors)
+            meta.put(cur, "reconstruction", by_layer(errors))
         cost = count_cost(cur)
         meta.put(cur, "cost", cost)
         removed = sum(orig.groups[gid].size - len(k) for gid, k in final.items())

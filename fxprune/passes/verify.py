@@ -31,6 +31,8 @@ from ..errors import VerificationError
 from ..ir import Selection, member_units
 from ..pipeline import Context, Pass, PassResult
 from ..rules.base import lookup_tensor
+from .absorb import apply_absorbed
+from .rewrite import provenance
 
 __all__ = ["Verify", "masked_reference", "compare_outputs", "flatten_outputs", "promote_float_dtype", "run_outputs"]
 
@@ -71,8 +73,6 @@ def masked_reference(gm: fx.GraphModule, analysis, selection: Selection, absorbe
                     idx = torch.as_tensor(pos, device=t.device)
                     t.index_fill_(ps.dim, idx, 0)
     if absorbed:
-        from .absorb import apply_absorbed
-
         apply_absorbed(ref, absorbed)
     return ref
 
@@ -176,13 +176,14 @@ def compare_outputs(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rtol: 
 class Verify(Pass):
     """Check the pruned module against the original (``ctx.original``).
 
-    ``equivalence=True`` also compares with the masked reference (needs the pre-rewrite ``groups`` and
-    ``selection``, kept in ``ctx.extras`` by :func:`fxprune.compile`). Lossy groups make the comparison
-    meaningless; it is skipped with a note when any was pruned.
+    ``equivalence=True`` also compares with the masked reference, built from the rewrite's provenance (the
+    ``pruned_from`` fact: source graph, groups, selection) and the ``absorbed`` constants. Lossy groups make
+    the comparison meaningless; it is skipped with a note when any was pruned.
     """
 
     name: ClassVar[str] = "verify"
     reads: ClassVar[tuple[str, ...]] = ("shapes",)
+    optional_reads: ClassVar[tuple[str, ...]] = ("pruned_from", "absorbed")
     writes: ClassVar[tuple[str, ...]] = ()
 
     equivalence: bool = False
@@ -190,8 +191,12 @@ class Verify(Pass):
     rtol: float = 1e-6
     atol: float = 1e-8
 
+    def requires(self) -> tuple[str, ...]:
+        return ("shapes", "pruned_from") if self.equivalence else ("shapes",)
+
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        orig = ctx.original
+        prov = provenance(gm)
+        orig = prov.source if prov is not None else ctx.original
         if orig is None:
             raise VerificationError("verify needs the original graph (ctx.original)")
         dt = getattr(torch, self.dtype) if self.dtype else None
@@ -204,15 +209,14 @@ class Verify(Pass):
             )
         stats: dict[str, Any] = {"shapes": "ok"}
         if self.equivalence:
-            analysis = ctx.extras.get("analysis")
-            sel = ctx.extras.get("selection")
-            if analysis is None or sel is None:
-                raise VerificationError("equivalence check needs the analysis and selection of the rewrite")
+            if prov is None:
+                raise VerificationError("equivalence check needs the provenance of the rewrite (pruned_from)")
+            analysis, sel = prov.analysis, prov.selection
             if any(analysis.groups[gid].lossy for gid, _ in sel.keep):
                 ctx.notes.append("verify: lossy groups were pruned; equivalence check skipped")
                 stats["equivalence"] = "skipped (lossy)"
             else:
-                ref = masked_reference(orig, analysis, sel, ctx.extras.get("absorbed", ()))
+                ref = masked_reference(orig, analysis, sel, meta.get(gm, "absorbed") or ())
                 msg = compare_outputs(run_outputs(gm, ctx.example_inputs, dt), run_outputs(ref, ctx.example_inputs, dt),
                                       self.rtol, self.atol)
                 if msg:

@@ -168,7 +168,7 @@ def sensitivity(
     from ..flops import count_cost
     from ..passes import GroupChannels
     from ..passes.rewrite import rewrite_graph
-    from ..passes.select import _floor, choose_units
+    from ..passes.select import choose_units, floor_count
     from ..pipeline import Context
     from .. import meta
 
@@ -215,7 +215,7 @@ def sensitivity(
     with _progress(len(todo) * len(qs), "sensitivity", progress) as bar:
         for g in todo:
             for q in qs:
-                kept = choose_units(g, scores[g.id], _floor(q, g.size), min_keep)
+                kept = choose_units(g, scores[g.id], floor_count(q, g.size), min_keep)
                 if len(kept) == g.size:
                     mod, metric = base_mod, baseline
                 else:

@@ -52,6 +52,9 @@ from ..errors import ConfigError, InputError
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult, register_pass
 
+#: the ``slimming`` fact: the global threshold chosen and the groups guarded or capped
+SLIMMING = meta.declare("slimming")
+
 __all__ = ["BNL1", "init_bn_gamma", "bn_modules", "SlimmingSelect", "slimming_prune", "slimming_schedule",
            "SlimmingRound", "SlimmingHistory", "check_penalty"]
 
@@ -143,7 +146,7 @@ class SlimmingSelect(Pass):
 
     name: ClassVar[str] = "slimming_select"
     reads: ClassVar[tuple[str, ...]] = ("groups", "importance")
-    writes: ClassVar[tuple[str, ...]] = ("selection",)
+    writes: ClassVar[tuple[str, ...]] = ("selection", SLIMMING)
 
     ratio: float | None = None
     threshold: float | None = None
@@ -222,7 +225,7 @@ class SlimmingSelect(Pass):
         info = {"threshold": thr, "guarded": tuple(guarded), "capped": tuple(capped),
                 "units_removed": int(sum(analysis.groups[gid].size - len(k) for gid, k in keep.items())),
                 "units_scored": int(len(allsc))}
-        ctx.extras["slimming"] = info
+        meta.put(gm, "slimming", info)
         return PassResult(gm, False, dict(info))
 
 
@@ -338,7 +341,7 @@ def slimming_schedule(model: nn.Module, example_inputs: Any, *,
             out = finetune(cur)
             if isinstance(out, nn.Module):
                 cur = out
-        info = res.context.extras.get("slimming", {})
+        info = res.facts.get("slimming", {})
         metric = evaluate(cur) if evaluate is not None else None
         rec = SlimmingRound(i, info.get("threshold", float("nan")), res.report.params_after, res.report.macs_after,
                             info.get("units_removed", 0), info.get("guarded", ()), info.get("capped", ()), metric, res)
