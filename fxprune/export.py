@@ -9,7 +9,8 @@ tensors (Hugging Face-style mask construction by item assignment, shape-dependen
 over tensors in detection models) runs eagerly while the tensor ops are recorded as an fx graph of ATen
 operators, which the rules of :mod:`fxprune.rules.aten` analyse. The batch dim, and every dim of inputs
 with at most 3 dims (sequence length, features), are exported as ``Dim.AUTO`` (dynamic where the model
-allows, static otherwise); the spatial dims of image and video inputs stay static (the result accepts other
+allows, static otherwise; an example batch of one is captured as a batch of two, since torch.export
+specialises size-1 dims); the spatial dims of image and video inputs stay static (the result accepts other
 batch sizes, but only the example's height and width) unless the model has the attribute
 ``fxprune_dynamic_shapes = True`` (the hierarchical front end sets it on detector heads, which see feature
 maps of every size; symbolic size reasoning can take minutes on models that compute paddings from the
@@ -91,10 +92,25 @@ def _quiet_export(model: nn.Module, inputs: tuple[torch.Tensor, ...], **kw: Any)
             log.debug("torch.export printed:\n%s", err.getvalue())
 
 
+def _widened(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+    """The example batch repeated to 2 when every input has batch 1 (None otherwise): torch.export
+    specialises size-1 dims, so a graph captured on a batch of one would accept only batches of one
+    (calibration batches, a DataLoader's batches, ``generate`` with several prompts)."""
+    if not inputs or any(x.dim() == 0 or x.shape[0] != 1 for x in inputs):
+        return None
+    return tuple(torch.cat([x, x]) for x in inputs)
+
+
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     if getattr(model, "fxprune_static_shapes", False):
         return _quiet_export(model, inputs)
     spatial = bool(getattr(model, "fxprune_dynamic_shapes", False))
+    wide = _widened(inputs)
+    if wide is not None:
+        try:
+            return _quiet_export(model, wide, dynamic_shapes=_dynamic_shapes(wide, spatial))
+        except Exception as exc:  # a model that needs a batch of one: capture it as given
+            log.debug("export on a batch of two failed (%s: %s); capturing the batch of one", type(exc).__name__, exc)
     try:
         return _quiet_export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs, spatial))
     except Exception as exc:  # dynamic dims the model cannot support: retry with every size static

@@ -1,5 +1,13 @@
 """Dependency analysis: run every node's rule, then solve the stated ties into channel groups.
 
+Ops without a rule: an op can only be wrong for pruning where it touches channels that some op produces.
+Which values carry such channels is known once every tie is solved, so an op without a rule is pinned
+first and becomes an :class:`~fxprune.errors.UnsupportedOpError` only when one of its inputs or outputs is
+tied to a produced channel (or it is a module with weights): mask and position arithmetic (comparisons,
+``cumsum`` over positions, ``diff``, ``outer`` of ``arange`` s, logical ops on masks) needs no rule, and a
+genuinely unknown op on a channel-carrying value still raises. With ``unknown_ops="block"`` every group an
+unknown op touches is kept instead.
+
 Solving: all axes' positions form one index space; ties are edges; connected components (a vectorised
 union-find in numpy) are *units* — sets of positions that must be removed together. Units that appear in
 the same producer axis (a conv's output channels) form a *group*. Everything is linear in the number of
@@ -109,7 +117,8 @@ def _tensors_in(x: Any) -> list[fx.Node]:
     return out
 
 
-def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTable) -> list[str]:
+def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTable,
+               deferred: list[fx.Node]) -> list[str]:
     notes: list[str] = []
     attrs: list[fx.Node] = []
     for node in gm.graph.nodes:
@@ -139,7 +148,11 @@ def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTa
         key = op_key(gm, node)
         if rule is None:
             if unknown == "error":
-                raise rules.missing(gm, node)
+                # an op without a rule is an error only where it can touch a pruned channel, which is known once
+                # every tie is solved (analyze_graph); until then its dims are pinned
+                _pin_node(gm, node, table, f"no rule for {key} at node '{node.name}'")
+                deferred.append(node)
+                continue
             _block_node(gm, node, table, f"no rule for {key} at node '{node.name}'")
             notes.append(f"blocked at {node.name}: no rule for {key}")
             continue
@@ -186,6 +199,32 @@ def _tie_attribute(gm: fx.GraphModule, node: fx.Node, table: AxisTable) -> None:
         rc.tie(rc.out(d), ax)
 
 
+def _node_axes(rc: RuleContext, node: fx.Node) -> list[Any]:
+    """Every axis of ``node``'s tensor inputs and outputs."""
+    out = []
+    for x in [*rc.tensor_args(), node]:
+        tm = x.meta.get("tensor_meta")
+        for i in (list(range(len(tm))) if is_multi(tm) else [None]):
+            if shape_of(x, i) is not None:
+                out += rc.all_dims(x, i)
+    return out
+
+
+def _pin_node(gm: fx.GraphModule, node: fx.Node, table: AxisTable, reason: str) -> None:
+    rc = RuleContext(table, gm, node, "unknown")
+    for ax in _node_axes(rc, node):
+        rc.pin(ax, reason)
+
+
+def _carries_channels(gm: fx.GraphModule, node: fx.Node, table: AxisTable, labels: np.ndarray,
+                      produced: np.ndarray) -> bool:
+    """Whether some dim of ``node``'s inputs or outputs is tied to channels some op produces."""
+    rc = RuleContext(table, gm, node, "unknown")
+    if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
+        return True  # a layer with weights of its own
+    return any(produced[labels[ax.ids()]].any() for ax in _node_axes(rc, node))
+
+
 def _block_node(gm: fx.GraphModule, node: fx.Node, table: AxisTable, reason: str) -> None:
     rc = RuleContext(table, gm, node, "blocked")
     where = node_location(node)
@@ -214,7 +253,8 @@ def analyze_graph(
     if unknown not in ("error", "block"):
         raise ConfigError(f"unknown_ops must be 'error' or 'block', got {unknown!r}")
     table = AxisTable()
-    notes = _run_rules(gm, rules, unknown, table)
+    deferred: list[fx.Node] = []
+    notes = _run_rules(gm, rules, unknown, table, deferred)
     ignore = list(ignore)
     if ignore:
         for key in list(table.axes):
@@ -226,6 +266,15 @@ def analyze_graph(
     u = np.concatenate(us) if us else np.zeros(0, dtype=np.int64)
     v = np.concatenate(vs) if vs else np.zeros(0, dtype=np.int64)
     labels = components(n, u, v)
+    if deferred:
+        produced = np.zeros(n, dtype=bool)
+        for key, _ in table.producers:
+            ax = table.axes[key]
+            produced[labels[ax.base : ax.base + ax.size]] = True
+        for node in deferred:
+            if _carries_channels(gm, node, table, labels, produced):
+                raise rules.missing(gm, node)
+        log.debug("ops without a rule on values that carry no channels (pinned): %s", [d.name for d in deferred])
     analysis = _build_groups(table, labels, allow_lossy, tuple(notes))
     analysis.rules = rules
     return analysis

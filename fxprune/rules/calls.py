@@ -25,7 +25,7 @@ from ..meta import shape_of
 from .base import RULES, RewriteContext, Rule, RuleContext, RuleTable, is_state, lookup_tensor
 
 __all__ = ["Bound", "Family", "Consumer", "ParamOrigin", "aten_overloads", "aten_name", "schema_args",
-           "set_schema_arg", "call_arg", "param_origin", "label_param", "weight_axis", "user_type",
+           "set_schema_arg", "call_arg", "param_origin", "label_param", "weight_axis", "weight_owner", "user_type",
            "register_aten"]
 
 A = torch.ops.aten
@@ -196,6 +196,14 @@ def weight_axis(rc: RuleContext, w: Any, dim: int, role: str) -> Any:
         return rc.param(w, dim, role)
     label_param(rc, w, dim, role)
     return rc.act(w, dim)
+
+
+def weight_owner(gm: fx.GraphModule, w: Any) -> str | None:
+    """The layer's name for reports: the owner of the parameter a weight operand is (``"layers.0.fc"``)."""
+    if isinstance(w, str):
+        return w.rpartition(".")[0]
+    o = param_origin(gm, w)
+    return o.param.rpartition(".")[0] if o is not None else None
 
 
 def user_type(node: fx.Node) -> str | None:

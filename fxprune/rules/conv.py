@@ -40,7 +40,7 @@ from ..ir import Constraint
 from ..meta import shape_of
 from .base import RULES, RewriteContext, RuleContext, shrink_tensors
 from .calls import (Bound, Consumer, Family, aten_overloads, call_arg, module_of, param_origin,
-                    schema_args, set_call_arg, set_schema_arg, tensor_shape, user_type, weight_axis)
+                    schema_args, set_call_arg, set_schema_arg, tensor_shape, user_type, weight_axis, weight_owner)
 
 __all__ = ["ConvCall", "ConvFamily", "CONV"]
 
@@ -85,7 +85,7 @@ class ConvFamily(Family):
             rc.tie(rc.act(x, 0), rc.out(0))
         xin, out = rc.act(x, c), rc.out(c)
         cin, cout, g = xin.size, out.size, call.groups
-        rc.produce(out)
+        rc.produce(out, root=weight_owner(rc.gm, w))
         w_in, w_out = (0, 1) if call.transposed else (1, 0)
         has_bias = call.bias is not None and (isinstance(call.bias, str) or rc.is_tensor(call.bias))
         if g == 1:

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..meta import shape_of
 from .base import RULES, RuleContext, shrink_tensors
-from .calls import Bound, Family, aten_overloads, call_arg, module_of, schema_args, user_type, weight_axis
+from .calls import (Bound, Family, aten_overloads, call_arg, module_of, schema_args, user_type, weight_axis,
+                    weight_owner)
 
 __all__ = ["EmbeddingCall", "EmbeddingFamily", "EMBEDDING"]
 
@@ -39,8 +40,7 @@ class EmbeddingFamily(Family):
         for d in range(len(rc.shape(idx))):
             rc.tie(rc.act(idx, d), rc.out(d))
         out = rc.out(-1)
-        root = call.weight.rpartition(".")[0] if isinstance(call.weight, str) else None
-        rc.produce(out, root=root)
+        rc.produce(out, root=weight_owner(rc.gm, call.weight))
         rc.tie(out, weight_axis(rc, call.weight, 1, "out"))
         rc.free(weight_axis(rc, call.weight, 0, "other"))
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..meta import shape_of
 from .base import RULES, RuleContext, shrink_tensors
 from .calls import (Bound, Consumer, Family, aten_overloads, call_arg, module_of, param_origin, schema_args,
-                    tensor_shape, user_type, weight_axis)
+                    tensor_shape, user_type, weight_axis, weight_owner)
 
 __all__ = ["LinearCall", "LinearFamily", "LINEAR"]
 
@@ -40,14 +40,6 @@ class LinearCall:
     bias: Any
     layout: str  # "oi": weight operand (out, in); "io": (in, out)
     spelling: str
-
-
-def _root(w: Any, gm: fx.GraphModule) -> str | None:
-    """The layer's name for reports: the weight parameter's owner."""
-    if isinstance(w, str):
-        return w.rpartition(".")[0]
-    o = param_origin(gm, w)
-    return o.param.rpartition(".")[0] if o is not None else None
 
 
 class LinearFamily(Family):
@@ -66,7 +58,7 @@ class LinearFamily(Family):
         for d in range(nd - 1):
             rc.tie(rc.act(x, d), rc.out(d))
         out = rc.out(-1)
-        rc.produce(out, root=_root(call.weight, rc.gm))
+        rc.produce(out, root=weight_owner(rc.gm, call.weight))
         wi, wo = self._dims(call)
         rc.tie(out, weight_axis(rc, call.weight, wo, "out"))
         rc.tie(rc.act(x, -1), weight_axis(rc, call.weight, wi, "in"))
