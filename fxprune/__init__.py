@@ -9,15 +9,10 @@ neurons and heads.
 8
 """
 
-from .api import (
-    CompileResult,
-    Report,
-    compile,
-    prepare,
-    register_function_rule,
-    register_method_rule,
-    register_module_rule,
-)
+from .api import compile, register_function_rule, register_method_rule, register_module_rule
+from .options import CompileOptions
+from .prepare import prepare
+from .result import CompileResult, Report
 from .errors import (
     ConfigError,
     FxpruneError,
@@ -50,10 +45,10 @@ from . import sparsity  # registers importance="dead" and "l1_projection"
 from .finetune import IterativePruner, finetune, iterative_prune
 from .serialize import load, save
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
-    "compile", "prepare", "CompileResult", "Report",
+    "compile", "prepare", "CompileOptions", "CompileResult", "Report",
     "register_module_rule", "register_function_rule", "register_method_rule",
     "FxpruneError", "ConfigError", "InputError", "TraceError", "UnsupportedOpError", "PipelineError",
     "VerificationError",

@@ -37,7 +37,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError, FxpruneError, InputError
+from tqdm.auto import tqdm
+
+from . import report as rpt
+from .api import compile as compile_model
+from .errors import ConfigError, FxpruneError
+from .flops import count_cost
+from .options import CompileOptions
+from .passes.group import analyze_graph
+from .prepare import prepare
+from .serialize import load, save
 
 __all__ = ["main", "build_model", "calibration_data", "latency", "parse_shape"]
 
@@ -245,10 +254,6 @@ def _kwargs(text: str | None) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .api import prepare
-    from .flops import count_cost
-    from .passes.group import analyze_graph
-
     model, ex = build_model(args.model, _kwargs(args.model_kwargs))
     gm, inputs = prepare(model, _inputs(args, ex))
     cost = count_cost(gm)
@@ -296,8 +301,6 @@ def _layer_rows(gm: Any, cost: Any) -> list[dict[str, Any]]:
 
 
 def _progress_callback(total: int, enabled: bool) -> tuple[Callable[..., None], Any]:
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total, desc="compile", unit="pass", disable=not enabled, file=sys.stderr)
 
     def cb(p: Any, res: Any) -> None:
@@ -308,10 +311,6 @@ def _progress_callback(total: int, enabled: bool) -> tuple[Callable[..., None], 
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import fxprune
-
-    from . import report as rpt
-
     if sum(x is not None for x in (args.ratio, args.target_macs, args.threshold)) != 1 and not args.pipeline:
         raise ConfigError("give exactly one of --ratio, --target-macs, --threshold (or --pipeline)")
     model, ex = build_model(args.model, _kwargs(args.model_kwargs))
@@ -330,13 +329,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   global_ranking=args.global_ranking)
     progress = not args.no_progress and sys.stderr.isatty()
     cb, bar = _progress_callback(6, progress)
+    options = CompileOptions(callback=cb, **kw)  # every option checked before the model runs
     try:
-        res = fxprune.compile(model, inputs, callback=cb, **kw)
+        res = compile_model(model, inputs, options=options)
     finally:
         bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fxprune.save(res, out / "model.pt", meta={"model": args.model, "model_kwargs": _kwargs(args.model_kwargs),
+    save(res, out / "model.pt", meta={"model": args.model, "model_kwargs": _kwargs(args.model_kwargs),
                                               "input_shape": list(inputs[0].shape)})
     title = f"fxprune: {args.model}"
     (out / "report.md").write_text(rpt.report_markdown(res, title=title))
@@ -358,26 +358,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import fxprune
-
     torch.set_num_threads(args.threads)
     model, ex = build_model(args.model, _kwargs(args.model_kwargs))
     inputs = _inputs(args, ex, batch=args.batch)
     variants: list[tuple[str, nn.Module, int]] = []
-    from .api import prepare
-    from .flops import count_cost
-
     gm, _ = prepare(model, inputs)
     base_macs = count_cost(gm).macs
     variants.append(("original", model, base_macs))
     if args.pruned:
-        m = fxprune.load(args.pruned, build_model(args.model, _kwargs(args.model_kwargs))[0])
+        m = load(args.pruned, build_model(args.model, _kwargs(args.model_kwargs))[0])
         g2, _ = prepare(m, inputs)
         variants.append((f"loaded {Path(args.pruned).name}", m, count_cost(g2).macs))
-    from tqdm.auto import tqdm
-
     for r in tqdm(args.ratio or (), desc="compile", disable=args.no_progress or not sys.stderr.isatty()):
-        res = fxprune.compile(model, inputs, ratio=r, verify="none", round_to=args.round_to)
+        res = compile_model(model, inputs, ratio=r, verify="none", round_to=args.round_to)
         variants.append((f"ratio {r}", res.module, res.report.macs_after))
     if len(variants) == 1:
         print("note: give --ratio R (repeatable) or --pruned model.pt to compare against the original")

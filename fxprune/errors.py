@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .meta import stack_trace
+
 __all__ = [
     "FxpruneError",
     "ConfigError",
@@ -52,8 +54,6 @@ class MissingShapeMetaError(FxpruneError, ValueError):
 
 def node_location(node: Any) -> str:
     """Return the last user frame of ``node``'s stack trace (``File "...", line N, in f`` + code), or ''."""
-    from .meta import stack_trace
-
     trace = stack_trace(node)
     if not trace:
         return ""

@@ -27,43 +27,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import meta
 from .errors import ConfigError, InputError
+from .flops import count_cost
+from .options import CompileOptions
+from .passes import GroupChannels, Select
+from .passes.rewrite import rewrite_graph
+from .pipeline import Context
+from .prepare import prepare
+from .progress import progress as progress_bar
 
 __all__ = ["finetune", "FinetuneStats", "IterativePruner", "IterStep", "IterativeResult", "iterative_prune"]
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _progress(total: int | None, desc: str, enabled: bool | None) -> Iterator[Any]:
-    """A tqdm bar (shown when ``enabled``; None = only when stderr is a terminal)."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but never fail on a progress bar
-        tqdm = None
-    if tqdm is None or not enabled:
-        class _Null:
-            def update(self, n: int = 1) -> None: ...
-            def set_postfix(self, *a: Any, **k: Any) -> None: ...
-        yield _Null()
-        return
-    bar = tqdm(total=total, desc=desc, leave=False)
-    try:
-        yield bar
-    finally:
-        bar.close()
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------
@@ -149,7 +134,7 @@ def finetune(
         total = min(total, max_steps)
     stop = False
     try:
-        with _progress(total, "fine-tune", progress) as bar:
+        with progress_bar(total, "fine-tune", progress) as bar:
             for _ in range(epochs):
                 tot, n = 0.0, 0
                 for batch in loader:
@@ -245,9 +230,6 @@ class IterativePruner:
                  max_steps: int = 50, ignore: Iterable[str] = (), min_keep: int = 1, round_to: int = 1,
                  global_ranking: bool = False, unknown_ops: str = "error", allow_lossy: bool = False,
                  leaf_modules: Iterable[Any] = (), seed: int = 0, progress: bool | None = None) -> None:
-        from .api import _check_ignore, _resolve_importance, prepare
-        from .passes import GroupChannels, Select
-
         if (target_macs is None) == (target_params is None):
             raise ConfigError("give exactly one of target_macs= or target_params=")
         target = target_macs if target_macs is not None else target_params
@@ -263,15 +245,17 @@ class IterativePruner:
         self.step_ratio = float(step_ratio)
         self.max_steps = max_steps
         self.progress = progress
-        self.ignore = _check_ignore(model, ignore)
-        self.leaf_modules = tuple(leaf_modules)
+        # the pruning options, validated as fxprune.compile validates them
+        self.options = CompileOptions(importance=importance, ratio=0.0, ignore=tuple(ignore or ()), min_keep=min_keep,
+                                      round_to=round_to, global_ranking=global_ranking, unknown_ops=unknown_ops,
+                                      allow_lossy=allow_lossy, leaf_modules=tuple(leaf_modules), seed=seed,
+                                      ).check_model(model)
+        self.ignore = self.options.ignore
+        self.leaf_modules = self.options.leaf_modules
         self._group = GroupChannels(unknown_ops, self.ignore, allow_lossy)
-        self._importance = _resolve_importance(importance, "mean" if global_ranking else None, "sum", seed)
+        self._importance = self.options.criterion()
         self._select = dict(global_ranking=global_ranking, min_keep=min_keep, round_to=round_to)
-        Select(ratio=0.0, **self._select)  # validates min_keep / round_to now
         gm, self.inputs = prepare(model, example_inputs, self.leaf_modules)
-        from . import meta
-
         cost = meta.get(gm, "cost")
         self.params0, self.macs0 = cost.params, cost.macs
         base = self.macs0 if self.kind == "macs" else self.params0
@@ -301,13 +285,6 @@ class IterativePruner:
         """Smallest per-group ratio whose result costs ≤ ``goal`` (or the max ratio when unreachable).
 
         Returns (new module, ratio, cost, params, macs)."""
-        from . import meta
-        from .api import prepare
-        from .flops import count_cost
-        from .passes import Select
-        from .passes.rewrite import rewrite_graph
-        from .pipeline import Context
-
         gm, inputs = prepare(module, self.inputs, self.leaf_modules)
         ctx = Context(model=module, example_inputs=inputs, original=gm)
         self._group.run(gm, ctx)
@@ -345,8 +322,6 @@ class IterativePruner:
             raise ConfigError("the pruner is done (target reached, max_steps, or no further progress)")
         if self._pending is not None:
             self.record()
-        from .flops import count_cost
-
         t0 = time.perf_counter()
         cur = self.history[-1] if self.history else None
         p0, m0 = (cur.params, cur.macs) if cur else (self.params0, self.macs0)
@@ -376,7 +351,7 @@ class IterativePruner:
         """Loop step → ``train_fn(module, step)`` → record until done; ``callback`` returning False stops."""
         if not callable(train_fn):
             raise ConfigError("train_fn must be callable as train_fn(module, step)")
-        with _progress(None, f"prune to {self.kind} ≤ {self.target}", self.progress) as bar:
+        with progress_bar(None, f"prune to {self.kind} ≤ {self.target}", self.progress) as bar:
             while not self.done:
                 t0 = time.perf_counter()
                 module = self.step()

@@ -35,24 +35,26 @@ through the model once and each region is calibrated on the arguments they give 
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, InputError, TraceError, VerificationError
+from .ir import Selection
+from .options import CompileOptions
+from .pipeline import Context, Pipeline
+from .result import CompileResult, merge_reports
+from .structured import StructuredGraphModule, carry_attributes, flat_view, structured
+from .trace import copy_model
 
 __all__ = ["Region", "find_calls", "compile_hierarchical", "StructuredGraphModule"]
 
 log = logging.getLogger(__name__)
-
-_PLAIN_SKIP = {"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class Region:
 
     path: str
     call: Call
-    result: Any  # CompileResult
+    result: CompileResult
 
 
 def _has_params(m: nn.Module) -> bool:
@@ -151,81 +153,6 @@ def find_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     return {n: Call(tuple(lv), spec, counts[n], same[n]) for n, (lv, spec) in first.items()}, out
 
 
-def _flat_view(module: nn.Module, spec: pytree.TreeSpec, n: int) -> nn.Module:
-    """A shallow view of ``module`` whose ``forward`` takes the ``n`` flattened tensor leaves of ``spec``.
-
-    It shares the module's children and parameters (so names are unchanged) and is only traced, never run
-    by the user."""
-    cls = type(module)
-    names = [f"leaf{i}" for i in range(n)]
-    src = (f"def forward(self, {', '.join(names)}):\n"
-           f"    args, kwargs = _unflatten([{', '.join(names)}], _spec)\n"
-           f"    return _forward(self, *args, **kwargs)\n")
-    scope: dict[str, Any] = {"_unflatten": pytree.tree_unflatten, "_spec": spec, "_forward": cls.forward}
-    exec(compile(src, f"<fxprune flattened call of {cls.__name__}>", "exec"), scope)  # noqa: S102
-    view_cls = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
-    view = copy.copy(module)
-    view.__class__ = view_cls
-    return view
-
-
-class StructuredGraphModule(fx.GraphModule):
-    """A GraphModule over flattened tensor leaves that is called with the original argument structure.
-
-    ``m(features_dict)`` flattens the arguments with the structure recorded at capture time and runs the
-    graph on the leaves; a call with another structure is an :class:`~fxprune.errors.InputError`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        if spec != self.fxprune_in_spec:
-            raise InputError(f"{self.fxprune_region or 'region'} was pruned for calls structured as "
-                             f"{self.fxprune_in_spec}, got {spec}")
-        return super().__call__(*leaves)
-
-    def __reduce__(self) -> Any:
-        fn, args = super().__reduce__()  # a plain GraphModule holding our attributes; rebuilt as this class
-        return (_rebuild_structured, (fn, args))
-
-
-def _rebuild_structured(fn: Callable[..., fx.GraphModule], args: tuple) -> StructuredGraphModule:
-    gm = fn(*args)
-    body = args[0] if args and isinstance(args[0], dict) else {}
-    for k, v in dict(body.get("meta", {}).get(_PRESERVED, {})).items():  # GraphModule() drops the meta
-        _preserve(gm, k, v)
-    return _structured(gm, gm.fxprune_in_spec, gm.fxprune_region)
-
-
-_PRESERVED = "_user_preserved_attributes"  # torch.fx keeps these attributes through deepcopy
-
-
-def _preserve(gm: fx.GraphModule, name: str, value: Any) -> None:
-    gm.meta.setdefault(_PRESERVED, {})[name] = value
-    setattr(gm, name, value)
-
-
-def _structured(gm: fx.GraphModule, spec: pytree.TreeSpec, region: str) -> StructuredGraphModule:
-    new = StructuredGraphModule(gm, gm.graph, type(gm).__name__)
-    new.meta.update(gm.meta)
-    for k, v in dict(gm.meta.get(_PRESERVED, {})).items():
-        _preserve(new, k, v)
-    _preserve(new, "fxprune_in_spec", spec)
-    _preserve(new, "fxprune_region", region)
-    new.train(gm.training)
-    return new
-
-
-def _carry_attributes(src: nn.Module, dst: nn.Module) -> None:
-    """Plain attributes of the replaced module (``out_channels``, ``num_classes``...) stay readable."""
-    for k, v in vars(src).items():
-        if k in _PLAIN_SKIP or k.startswith("_") or hasattr(dst, k):
-            continue
-        if isinstance(v, (int, float, str, bool, tuple, type(None))):
-            if isinstance(dst, fx.GraphModule):
-                _preserve(dst, k, v)
-            else:
-                setattr(dst, k, v)
-
-
 def _relative(names: Any, prefix: str) -> Any:
     p = prefix + "."
     return tuple(n[len(p):] for n in names if n.startswith(p))
@@ -251,28 +178,24 @@ def check_contract(expected: Any, pruned: nn.Module, inputs: tuple[torch.Tensor,
         raise VerificationError(f"the pruned model's output {i} changed its dtype, rank or trailing dims: {x} -> {y}")
 
 
-def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: dict[str, Any],
-                         why: TraceError | None = None) -> Any:
-    """Compile each capturable region of ``model`` with ``options`` (the keywords of :func:`fxprune.compile`)."""
-    from . import api
-    from .ir import Selection
-    from .pipeline import Context, Pipeline
-    from .trace import copy_model
-
+def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: CompileOptions,
+                         compile_fn: Callable[..., CompileResult], why: TraceError | None = None) -> CompileResult:
+    """Compile each capturable region of ``model`` with ``options``, through ``compile_fn`` (the caller's
+    ``fxprune.compile``: this module sits below it and never imports it)."""
     t0 = time.perf_counter()
-    target = options.get("target_macs")
+    target = options.target_macs
     if target is not None and target > 1:
         raise ConfigError(f"target_macs={target} is an absolute MACs count, but the hierarchical front end (used "
                           "because the whole model cannot be captured as one graph) counts MACs per region: give a "
                           "fraction (e.g. target_macs=0.5: the regions keep half of their MACs)"
                           + (f"\nwhole-model capture failed: {str(why).splitlines()[0]}" if why else ""))
     work = copy_model(model).eval()
-    rules = options.get("rules") or api.RULES
+    rules = options.rule_table
     # a single layer with a rule is never a region: its input and output are the interface, nothing inside
     calls, expected = find_calls(work, inputs, lambda m: bool(m._modules) or not rules.has_module_rule(m))
     calib: dict[str, list[tuple[torch.Tensor, ...]]] = {}
-    if options.get("calib") is not None:  # every region gets the inputs the calibration data gives it
-        calib = record_calib(work, options["calib"], [n for n, c in calls.items()
+    if options.calib is not None:  # every region gets the inputs the calibration data gives it
+        calib = record_calib(work, options.calib, [n for n, c in calls.items()
                                                       if c.tensors_only and c.same_structure])
     skipped: list[str] = []
     captured: dict[str, Any] = {}  # path -> compile result
@@ -283,19 +206,17 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
     def compile_region(path: str, overrides: dict[str, Any]) -> Any:
         call = calls[path]
         mod = work.get_submodule(path)
-        opts = dict(options)
-        opts["ignore"] = _relative(options.get("ignore", ()), path)
-        opts["ratios"] = {k[len(path) + 1:]: v for k, v in (options.get("ratios") or {}).items()
-                          if k.startswith(path + ".")}
+        ratios = {k[len(path) + 1:]: v for k, v in options.ratios.items() if k.startswith(path + ".")}
+        changes: dict[str, Any] = {"ignore": _relative(options.ignore, path), "ratios": ratios, "frontend": "whole"}
         if calib:
-            opts["calib"] = calib.get(path)
-        if not (opts.get("ratio") is not None or opts.get("threshold") is not None
-                or opts.get("target_macs") is not None or opts["ratios"] or opts.get("pipeline") is not None):
-            opts["ratio"] = 0.0  # only other regions have per-layer ratios: keep this one whole
-        opts.update(overrides)
-        target_mod = mod if call.plain else _flat_view(mod, call.spec, len(call.leaves))
+            changes["calib"] = calib.get(path)
+        if not (options.ratio is not None or options.threshold is not None or options.target_macs is not None
+                or ratios or options.pipeline is not None):
+            changes["ratio"] = 0.0  # only other regions have per-layer ratios: keep this one whole
+        changes.update(overrides)
+        target_mod = mod if call.plain else flat_view(mod, call.spec, len(call.leaves))
         target_mod.fxprune_dynamic_shapes = True  # (export path) heads see feature maps of every size
-        return api.compile(target_mod, call.leaves, frontend="whole", **opts)
+        return compile_fn(target_mod, call.leaves, options=options.replace(**changes))
 
     def visit(path: str, mod: nn.Module) -> None:
         if not _has_params(mod):
@@ -346,12 +267,12 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         parent = pruned.get_submodule(parent_name) if parent_name else pruned
         new = reg.result.module
         if not reg.call.plain:
-            new = _structured(new, reg.call.spec, reg.path)
-        _carry_attributes(parent.get_submodule(attr), new)
+            new = structured(new, reg.call.spec, reg.path)
+        carry_attributes(parent.get_submodule(attr), new)
         setattr(parent, attr, new)
     pruned.train(model.training)
     check_contract(expected, copy_model(pruned).eval(), inputs)
-    ctx = Context(model=model, example_inputs=inputs, original=None, calib=None, seed=options.get("seed", 0))
+    ctx = Context(model=model, example_inputs=inputs, original=None, calib=None, seed=options.seed)
     ctx.notes += notes
     unchanged = [p for p in captured if p not in {r.path for r in regions}]
     ctx.notes.append(
@@ -361,11 +282,11 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         + (f"; whole-model capture failed: {str(why).splitlines()[0]}" if why else "")
     )
     ctx.notes += [f"not pruned: {s}" for s in skipped]
-    report = _merge_reports(model, pruned, regions, ctx, time.perf_counter() - t0)
-    ctx.extras["regions"] = {r.path: r.result for r in regions}
+    report = merge_reports(model, pruned, [(r.path, r.result.report) for r in regions], ctx,
+                           time.perf_counter() - t0)
     pipe = regions[0].result.pipeline if regions else Pipeline(())  # (the same for every region)
-    return api.CompileResult(pruned, report, None, None, Selection(), pipe, ctx,
-                             regions={r.path: r.result for r in regions})
+    return CompileResult(pruned, report, None, None, Selection(), pipe, ctx,
+                         regions={r.path: r.result for r in regions})
 
 
 def _search_ratio(run: Callable[[float], dict[str, Any]], target: float, steps: int = 7) -> float:
@@ -386,30 +307,3 @@ def _search_ratio(run: Callable[[float], dict[str, Any]], target: float, steps: 
         else:
             lo = mid
     return hi
-
-
-def _count(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def _merge_reports(model: nn.Module, pruned: nn.Module, regions: list[Region], ctx: Any, seconds: float) -> Any:
-    from .api import LayerRow, Report
-
-    layers, blocked, notes, uncounted = [], [], list(ctx.notes), []
-    mb = ma = gt = gp = 0
-    for reg in regions:
-        r = reg.result.report
-        mb += r.macs_before
-        ma += r.macs_after
-        gt += r.groups_total
-        gp += r.groups_pruned
-        p = reg.path + "."
-        layers += [LayerRow(p + x.name, x.kind, x.before, x.after, x.macs_before, x.macs_after) for x in r.layers]
-        blocked += [(p + root, why) for root, why in r.blocked]
-        notes += [f"[{reg.path}] {n}" for n in r.notes]
-        uncounted += [p + u for u in r.uncounted]
-    notes.append("MACs are summed over the pruned regions (the uncaptured code between them is not counted)")
-    first = pytree.tree_leaves(ctx.example_inputs)[:1]
-    batch = int(first[0].shape[0]) if first and first[0].dim() else 1
-    return Report(_count(model), _count(pruned), mb, ma, tuple(layers), gt, gp, tuple(blocked), tuple(notes),
-                  seconds, batch, tuple(uncounted))

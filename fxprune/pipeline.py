@@ -23,7 +23,6 @@ User passes are first class: subclass :class:`Pass` or decorate a function with 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field

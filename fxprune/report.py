@@ -28,8 +28,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import math
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -40,6 +38,16 @@ import torch.fx as fx
 
 from . import meta
 from .errors import ConfigError, InputError
+from .flops import count_cost
+from .ir import Selection
+from .meta import shape_of
+from .passes.group import analyze_graph
+from .passes.importance import named_importance
+from .passes.rewrite import rewrite_graph
+from .passes.select import choose_units, floor_count, validate_ratio
+from .pipeline import Context
+from .prepare import prepare
+from .progress import progress as progress_bar
 
 __all__ = [
     "layer_table", "report_markdown", "report_dict", "groups_graph", "groups_dot", "groups_html",
@@ -161,9 +169,6 @@ def groups_graph(obj: Any, analysis: Any = None, selection: Any = None) -> nx.Di
     None), ``dim``, ``groups`` (ids of every group with units on this node), ``group`` (the group drawn:
     the one covering most positions), ``color``, ``label``, ``tooltip``.
     """
-    from .meta import shape_of
-    from .ir import Selection
-
     gm, analysis, selection = _parts(obj, analysis, selection)
     selection = selection or Selection()
     keep_of = analysis.keep_fn(selection)
@@ -349,36 +354,31 @@ def sensitivity(
     ``{"group", "root", "ratio", "kept", "macs", "metric"}``; ratio 0 (the unpruned model) is included once
     as group -1. ``groups``: the group ids to scan (default: every prunable group).
     """
-    from tqdm.auto import tqdm
-
-    from .api import prepare
-    from .flops import count_cost
-    from .ir import Selection
-    from .passes.group import analyze_graph
-    from .passes.importance import _named
-    from .passes.rewrite import rewrite_graph
-    from .passes.select import choose_units, validate_ratio
-    from .pipeline import Context
-
     for r in ratios:
         validate_ratio(r)
     gm, inputs = prepare(model, example_inputs)
     analysis = analyze_graph(gm, unknown="block")
     meta.put(gm, "groups", analysis)
-    _named(importance).run(gm, Context(model=model, example_inputs=inputs, original=gm))
+    named_importance(importance).run(gm, Context(model=model, example_inputs=inputs, original=gm))
     scores = meta.get(gm, "importance")
     ids = [g.id for g in analysis.groups if g.prunable and g.id in scores] if groups is None else list(groups)
     rows = [{"group": -1, "root": "", "ratio": 0.0, "kept": None, "macs": meta.get(gm, "cost").macs,
              "metric": float(evaluate(gm))}]
     work = [(gid, r) for gid in ids for r in ratios]
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    for gid, r in tqdm(work, desc="sensitivity", disable=disable):
-        g = analysis.groups[gid]
-        kept = choose_units(g, scores[gid], int(math.floor(r * g.size + 1e-9)))
-        new = rewrite_graph(gm, analysis, Selection.from_dict({gid: kept} if len(kept) < g.size else {}), inputs)
-        rows.append({"group": gid, "root": g.root, "ratio": float(r), "kept": len(kept),
-                     "macs": count_cost(new).macs, "metric": float(evaluate(new))})
+    with progress_bar(len(work), "sensitivity", progress) as bar:
+        for gid, r in work:
+            bar.update(1)
+            rows.append(_sensitivity_row(gm, analysis, scores, inputs, gid, r, evaluate))
     return rows
+
+
+def _sensitivity_row(gm: fx.GraphModule, analysis: Any, scores: Mapping[int, Any], inputs: Any, gid: int, r: float,
+                     evaluate: Callable[[torch.nn.Module], float]) -> dict[str, Any]:
+    g = analysis.groups[gid]
+    kept = choose_units(g, scores[gid], floor_count(r, g.size))
+    new = rewrite_graph(gm, analysis, Selection.from_dict({gid: kept} if len(kept) < g.size else {}), inputs)
+    return {"group": gid, "root": g.root, "ratio": float(r), "kept": len(kept), "macs": count_cost(new).macs,
+            "metric": float(evaluate(new))}
 
 
 def _plt():

@@ -49,12 +49,8 @@ True
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -64,98 +60,21 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConfigError, FxpruneError, InputError
+from .fileformat import (FORMAT, VERSION, ArchitectureMismatchError, FormatError, fingerprint,
+                         graph_fingerprint, plain_data, read_file, write_file)
+from .ir import Selection, member_units
+from .passes.group import GroupChannels, analyze_graph
+from .passes.rewrite import rewrite_graph
+from .prepare import prepare
+from .rules import RULES
+from .structured import carry_attributes, flat_view, structured
+from .trace import copy_model
+from .version import __version__
 
 __all__ = ["save", "load", "read_file", "FormatError", "ArchitectureMismatchError", "FORMAT", "VERSION",
            "fingerprint", "graph_fingerprint"]
 
 log = logging.getLogger(__name__)
-
-FORMAT = "fxprune"
-VERSION = 1
-_PLAIN = (str, int, float, bool, type(None))
-
-
-class FormatError(InputError):
-    """The file is not an fxprune model file, or it is damaged (truncated, edited, wrong checksum)."""
-
-
-class ArchitectureMismatchError(InputError):
-    """The model given to :func:`load` is not the architecture the file was saved from."""
-
-
-# -- plain-data helpers -----------------------------------------------------------------------------
-
-
-def _plain(x: Any, where: str = "value") -> Any:
-    """``x`` as JSON-like plain data (tuples become lists); anything else is a ConfigError."""
-    if isinstance(x, _PLAIN):
-        return x
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, (list, tuple)):
-        return [_plain(v, where) for v in x]
-    if isinstance(x, Mapping):
-        out = {}
-        for k, v in x.items():
-            if not isinstance(k, str):
-                raise ConfigError(f"{where}: keys must be strings, got {k!r}")
-            out[k] = _plain(v, where)
-        return out
-    raise ConfigError(f"{where}: {type(x).__name__} is not plain data (str, number, bool, None, list, dict)")
-
-
-def _canonical(x: Any) -> bytes:
-    return json.dumps(x, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _checksum(body: Mapping[str, Any]) -> str:
-    """sha256 over the canonical JSON of every non-tensor field, then each tensor (sorted by name)."""
-    h = hashlib.sha256()
-    h.update(_canonical({k: v for k, v in body.items() if k not in ("state_dict", "checksum")}))
-    for name in sorted(body["state_dict"]):
-        t = body["state_dict"][name]
-        h.update(_canonical([name, str(t.dtype), list(t.shape)]))
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def fingerprint(module: nn.Module) -> str:
-    """sha256 of the names and shapes of ``module``'s parameters and buffers (its architecture's identity)."""
-    items = sorted((k, list(v.shape)) for k, v in module.state_dict().items())
-    return hashlib.sha256(_canonical(items)).hexdigest()
-
-
-def graph_fingerprint(gm: fx.GraphModule) -> str:
-    """sha256 of the traced graph's structure: every node's op, target and arguments (nodes by position)."""
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-
-    def arg(a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            return ["%", index[a]]
-        if isinstance(a, (list, tuple)):
-            return [arg(v) for v in a]
-        if isinstance(a, dict):
-            return {str(k): arg(v) for k, v in sorted(a.items(), key=lambda kv: str(kv[0]))}
-        return repr(a)
-
-    def target(t: Any) -> str:
-        if isinstance(t, str):
-            return t
-        try:
-            return fx.node._get_qualified_name(t)
-        except Exception:  # noqa: BLE001 - any unnamed callable is described by its repr
-            return repr(t)
-
-    rows = [[n.op, target(n.target), arg(n.args), arg(n.kwargs)] for n in gm.graph.nodes]
-    return hashlib.sha256(_canonical(rows)).hexdigest()
-
 
 # -- save -------------------------------------------------------------------------------------------
 
@@ -166,15 +85,13 @@ def _pass_spec(p: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(p):
         for f in dataclasses.fields(p):
             try:
-                spec[f.name] = _plain(getattr(p, f.name))
+                spec[f.name] = plain_data(getattr(p, f.name))
             except ConfigError:
                 spec[f.name] = f"<{type(getattr(p, f.name)).__name__}>"
     return spec
 
 
 def _analysis_options(result: Any) -> dict[str, Any]:
-    from .passes.group import GroupChannels
-
     for p in result.pipeline.passes:
         if isinstance(p, GroupChannels):
             if p.rules is not None:
@@ -237,7 +154,7 @@ def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None
         if len(results) > 1:
             raise ConfigError("save: iterative steps over a hierarchical result are not supported; save the last "
                               "result's module with torch.save(result.module)")
-        return _write(path, _hierarchical_body(results[0], meta))
+        return write_file(path, _hierarchical_body(results[0], meta))
     for i, r in enumerate(results):
         if not hasattr(r, "module") or not hasattr(r, "selection") or not hasattr(r, "original"):
             raise ConfigError(f"save: item {i} is a {type(r).__name__}, expected a CompileResult from fxprune.compile")
@@ -253,16 +170,16 @@ def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None
         "format": FORMAT,
         "version": VERSION,
         "torch": torch.__version__.split("+")[0],
-        "fxprune": _version(),
+        "fxprune": __version__,
         "inputs": _input_specs(results[0].context.example_inputs),
         "arch": fingerprint(results[0].context.model),
         "arch_tensors": [[k, list(v.shape)] for k, v in results[0].context.model.state_dict().items()],
         "training": bool(last.training),
         "steps": steps,
-        "meta": _plain(dict(meta or {}), "save(meta=)"),
+        "meta": plain_data(dict(meta or {}), "save(meta=)"),
         "state_dict": {k: v.detach().cpu().clone() for k, v in last.state_dict().items()},
     }
-    _write(path, body)
+    write_file(path, body)
 
 
 def _hierarchical_body(result: Any, meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -279,37 +196,14 @@ def _hierarchical_body(result: Any, meta: Mapping[str, Any] | None) -> dict[str,
         "format": FORMAT,
         "version": VERSION,
         "torch": torch.__version__.split("+")[0],
-        "fxprune": _version(),
+        "fxprune": __version__,
         "arch": fingerprint(model),
         "arch_tensors": [[k, list(v.shape)] for k, v in model.state_dict().items()],
         "training": bool(result.module.training),
         "regions": regions,
-        "meta": _plain(dict(meta or {}), "save(meta=)"),
+        "meta": plain_data(dict(meta or {}), "save(meta=)"),
         "state_dict": {k: v.detach().cpu().clone() for k, v in result.module.state_dict().items()},
     }
-
-
-def _write(path: str | os.PathLike, body: dict[str, Any]) -> None:
-    body["checksum"] = _checksum(body)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(body, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _added_params(r: Any, new: fx.GraphModule) -> list[list[Any]]:
@@ -349,8 +243,6 @@ def _add_params(gm: fx.GraphModule, added: Sequence[Sequence[Any]]) -> None:
 
 def _replay_check(results: Sequence[Any]) -> list[list[list[Any]]]:
     """Replay every step's plan on its traced original; return the parameters post-passes added per step."""
-    from .passes.rewrite import rewrite_graph
-
     out = []
     for i, r in enumerate(results):
         new = rewrite_graph(r.original, r.analysis, r.selection)
@@ -372,36 +264,6 @@ def _replay_check(results: Sequence[Any]) -> list[list[list[Any]]]:
 # -- load -------------------------------------------------------------------------------------------
 
 
-def read_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Open an fxprune model file with ``torch.load(weights_only=True)`` and check its format and checksum.
-
-    Returns the stored dict (plan, metadata, ``state_dict``); raises :class:`FormatError` on anything else.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such fxprune model file: {path}")
-    try:
-        body = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, flipped bytes, pickled code refused by weights_only...
-        raise FormatError(f"{path} is not a readable fxprune model file ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise FormatError(f"{path} is not an fxprune model file (no 'format': 'fxprune' header)")
-    if body.get("version") != VERSION:
-        raise FormatError(f"{path} has format version {body.get('version')!r}; this fxprune reads version {VERSION}")
-    need = ("arch", "arch_tensors", "state_dict", "checksum", "training", "meta")
-    need += ("regions",) if "regions" in body else ("inputs", "steps")  # hierarchical: one plan per region
-    missing = [k for k in need if k not in body]
-    if missing:
-        raise FormatError(f"{path} is incomplete: missing {', '.join(missing)}")
-    sd = body["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise FormatError(f"{path}: 'state_dict' must map names to tensors")
-    if _checksum(body) != body["checksum"]:
-        raise FormatError(f"{path} failed its checksum: the file was modified or damaged after it was saved")
-    return body
-
-
 def _example_inputs(specs: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, ...]:
     out = []
     for s in specs:
@@ -414,8 +276,6 @@ def _example_inputs(specs: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, .
 
 def _selection_for(step: Mapping[str, Any], analysis: Any, state: Mapping[str, torch.Tensor], i: int):
     """Rebuild the step's Selection: by group ids if the groups match, else from the per-tensor masks."""
-    from .ir import Selection
-
     groups = analysis.groups
     same = step.get("n_groups") == len(groups) and all(
         0 <= g["id"] < len(groups) and groups[g["id"]].size == g["size"] and groups[g["id"]].root == g["root"]
@@ -423,8 +283,6 @@ def _selection_for(step: Mapping[str, Any], analysis: Any, state: Mapping[str, t
     if same:
         return Selection.from_dict({g["id"]: g["keep"] for g in step["groups"]})
     log.info("fxprune.load: step %d: group structure differs from the saved one, rebuilding from tensor masks", i)
-    from .ir import member_units
-
     masks = step["params"]
     keep: dict[int, list[int]] = {}
     for g in groups:
@@ -463,18 +321,6 @@ def _check_masks(step: Mapping[str, Any], analysis: Any, selection: Any, state: 
         raise ArchitectureMismatchError(f"step {i}: the plan prunes tensors this model does not have: {unknown[:5]}")
 
 
-def _prepare_like(prepare: Any, model: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_modules: Iterable[Any],
-                  rules: Any, frontend: str) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """Capture ``model`` with the front end the saved step was captured with."""
-    import inspect
-
-    if "frontend" in inspect.signature(prepare).parameters:
-        return prepare(model, inputs, leaf_modules, rules, frontend=frontend)
-    if frontend != "fx":
-        raise FormatError(f"this file was captured with the {frontend!r} front end, which this fxprune lacks")
-    return prepare(model, inputs, leaf_modules, rules)
-
-
 def _arch_diff(model: nn.Module, saved: Sequence[Sequence[Any]]) -> str:
     mine = {k: list(v.shape) for k, v in model.state_dict().items()}
     theirs = {str(k): list(v) for k, v in saved}
@@ -501,8 +347,6 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
     versions whose tracing differs, the per-tensor plan check still applies. Raises :class:`FormatError` for a damaged file and :class:`ArchitectureMismatchError` if
     ``model`` is not the saved architecture; nothing is returned in either case.
     """
-    from .rules import RULES
-
     if not isinstance(model, nn.Module):
         raise InputError(f"load: model must be an nn.Module (a fresh instance of the original architecture), "
                          f"got {type(model).__name__}")
@@ -532,15 +376,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
 def _replay(steps: Sequence[Mapping[str, Any]], model: nn.Module, inputs: tuple[torch.Tensor, ...], rules: Any,
             leaf_modules: Iterable[Any], check_graph: bool) -> fx.GraphModule:
     """Capture ``model`` and re-apply each saved step's plan (weights are loaded by the caller)."""
-    from .api import prepare
-    from .passes.group import analyze_graph
-    from .passes.rewrite import rewrite_graph
-
     current: nn.Module = model
     out: fx.GraphModule | None = None
     for i, step in enumerate(steps):
         try:
-            gm, _ = _prepare_like(prepare, current, inputs, leaf_modules, rules, step.get("frontend", "fx"))
+            gm, _ = prepare(current, inputs, leaf_modules, rules, frontend=step.get("frontend", "fx"))
         except FxpruneError as exc:
             exc.add_note(f"fxprune.load: while tracing step {i} with the saved example input shapes")
             raise
@@ -565,9 +405,6 @@ def _replay(steps: Sequence[Mapping[str, Any]], model: nn.Module, inputs: tuple[
 def _load_regions(body: Mapping[str, Any], model: nn.Module, rules: Any, leaf_modules: Iterable[Any],
                   check_graph: bool) -> nn.Module:
     """Rebuild a hierarchical result: a copy of ``model`` with each saved region re-pruned in place."""
-    from .hierarchical import _carry_attributes, _flat_view, _structured
-    from .trace import copy_model
-
     out = copy_model(model)
     for region in body["regions"]:
         path = str(region["path"])
@@ -577,15 +414,15 @@ def _load_regions(body: Mapping[str, Any], model: nn.Module, rules: Any, leaf_mo
             raise ArchitectureMismatchError(f"load: the model has no submodule {path!r} (a saved region)") from exc
         inputs = _example_inputs(region["inputs"])
         spec = pytree.treespec_loads(region["spec"]) if region["spec"] is not None else None
-        target = mod if spec is None else _flat_view(mod, spec, len(inputs))
+        target = mod if spec is None else flat_view(mod, spec, len(inputs))
         try:
             new: nn.Module = _replay(region["steps"], target, inputs, rules, leaf_modules, check_graph)
         except FxpruneError as exc:
             exc.add_note(f"fxprune.load: in region {path!r}")
             raise
         if spec is not None:
-            new = _structured(new, spec, path)
-        _carry_attributes(mod, new)
+            new = structured(new, spec, path)
+        carry_attributes(mod, new)
         parent, _, attr = path.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, attr, new)
     return out

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from . import meta
@@ -34,7 +35,7 @@ _FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d
 def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
     """torch's ``TensorMetadata`` of ``t``; the common case without torch's Python contiguity checks."""
     if t.is_quantized or t.layout != torch.strided:
-        return _extracttensor_metadata(t)
+        return _extract_tensor_metadata(t)
     fmt = None
     for f in _FORMATS:
         if t.dim() == {torch.channels_last: 4, torch.channels_last_3d: 5}.get(f, t.dim()) and t.is_contiguous(
@@ -94,8 +95,6 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], fake: b
         except Exception as exc:  # ops that create CPU tensors mid-forward, data-dependent ops...
             log.debug("meta shape propagation failed (%s); trying fake tensors", exc)
         try:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
             with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 fins = [mode.from_tensor(x) for x in inputs]
                 out = _ShapeInterpreter(gm).run(*fins)

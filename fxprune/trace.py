@@ -13,16 +13,13 @@ works on the result. The analysis is front-end agnostic: it only needs a GraphMo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
-import operator
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from . import meta
 from .errors import InputError, TraceError

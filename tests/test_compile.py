@@ -318,7 +318,7 @@ def test_bad_options_fail_before_any_work(kwargs, err, match, monkeypatch):
     model = Counting()
     snap = snapshot(model)
     traced = []
-    monkeypatch.setattr(fxprune.api, "trace", lambda *a, **k: traced.append(1))
+    monkeypatch.setattr(fxprune.api, "prepare_with_note", lambda *a, **k: traced.append(1))
     with pytest.raises(err, match=match):
         fxprune.compile(model, img(), **kwargs)
     assert traced == []

@@ -4,7 +4,6 @@ parses with the real CLI parser; relative links between the pages resolve."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import sys

@@ -16,7 +16,6 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import ConfigError, TraceError
-from fxprune.rules import RULES
 from fxprune.testing.examples.exported import ExportOnly
 from fxprune.testing import assert_prune_equivalent, random_selection
 

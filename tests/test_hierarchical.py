@@ -128,7 +128,7 @@ def test_whole_model_capture_fails_and_auto_prunes_the_regions():
 
 def test_whole_model_equals_its_masked_reference_through_uncaptured_code():
     """Oracle: the same model with each region's pruned channels zeroed (masked, not removed)."""
-    from fxprune.hierarchical import _structured
+    from fxprune.structured import structured as _structured
     from fxprune.passes.verify import masked_reference
 
     model, imgs = _model().double(), [x.double() for x in _images()]

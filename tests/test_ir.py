@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from fxprune.ir import Explicit, Span, fit_index_map
+from fxprune.ir import Span, fit_index_map
 from fxprune.passes.group import analyze_graph, components
 
 spans = st.builds(

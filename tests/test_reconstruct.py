@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from fxprune.passes import Reconstruct, Select
+from fxprune.passes import Reconstruct
 from fxprune.passes.reconstruct import unit_atoms
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from fxprune.serialize import ArchitectureMismatchError, FormatError, _selection_for, _step, read_file
+from fxprune.serialize import ArchitectureMismatchError, FormatError, _selection_for, _step
 from fxprune.testing import random_selection, snapshot, assert_model_unchanged
 
-from models import ZOO, Residual, build
+from models import Residual, build
 
 ROUND_TRIP = ["residual", "concat", "split", "grouped", "depthwise", "flatten_linear", "shared", "mha", "multi_io"]
 

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 

@@ -10,14 +10,14 @@ from .importance import (
     ImportancePass,
     MagnitudeImportance,
     RandomImportance,
-    _named as _named_importance,
+    named_importance,
 )
 from .rewrite import Rewrite, rewrite_graph
 from .select import Select
 from .verify import Verify, masked_reference
 
 register_pass("group", GroupChannels)
-register_pass("importance", lambda criterion="l2", **kw: _named_importance(criterion, **kw))
+register_pass("importance", lambda criterion="l2", **kw: named_importance(criterion, **kw))
 register_pass("select", Select)
 register_pass("rewrite", Rewrite)
 register_pass("verify", Verify)

@@ -36,7 +36,6 @@ any other selection it is a no-op (and costs one cheap scan of the removed units
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
@@ -56,7 +55,6 @@ from ..flops import count_cost
 from ..rules import RULES, RuleTable
 from ..rules.base import lookup_tensor
 from .rewrite import provenance
-from ..meta import shape_of
 
 __all__ = ["AbsorbConstants", "Absorbed", "apply_absorbed", "plan_absorption"]
 

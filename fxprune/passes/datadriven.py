@@ -12,7 +12,7 @@ from typing import Any
 
 from ..pipeline import register_pass
 from .activation import ActivationImportance
-from .importance import _named, register_importance
+from .importance import named_importance, register_importance
 from .lasso import LassoImportance
 from .reconstruct import Reconstruct
 from .select import Select
@@ -35,7 +35,7 @@ for _name, _factory in _FACTORIES.items():
 def _sequential(criterion: str = "thinet", ratio: float | None = None, ratios: dict | None = None,
                 min_keep: int = 1, round_to: int = 1, reconstruct: str | None = None, **kw: Any) -> SequentialPrune:
     sel = Select(ratio=ratio, ratios=dict(ratios or {}), min_keep=min_keep, round_to=round_to)
-    return SequentialPrune(criterion=_named(criterion), select=sel, reconstruct=reconstruct, **kw)
+    return SequentialPrune(criterion=named_importance(criterion), select=sel, reconstruct=reconstruct, **kw)
 
 
 register_pass("reconstruct", Reconstruct)

@@ -21,11 +21,10 @@ keep masks for the rewrite.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
-import torch
 import torch.fx as fx
 
 from .. import meta

@@ -10,6 +10,7 @@ producers' output filters, consumers' input kernels, norm affine parameters), re
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -29,9 +30,12 @@ __all__ = [
     "BNScaleImportance",
     "RandomImportance",
     "slice_values",
+    "lp_norm",
     "normalize_scores",
     "store_scores",
     "IMPORTANCE",
+    "named_importance",
+    "resolve_importance",
     "register_importance",
 ]
 
@@ -56,7 +60,7 @@ def slice_values(t: torch.Tensor, ps: ParamSlice) -> tuple[np.ndarray, "torch.Te
         return units, [t[r].reshape(-1) for r in rows]
 
 
-def _lp(x: torch.Tensor, p: int, dim: int | None = None):
+def lp_norm(x: torch.Tensor, p: int, dim: int | None = None):
     """Sum of |x| (p=1) or of x² (p=2), in float64; over ``dim`` (array) or all (float)."""
     if dim is None:
         return float(torch.linalg.vector_norm(x.float(), ord=p)) ** p
@@ -153,7 +157,7 @@ class MagnitudeImportance(ImportancePass):
             if ps.role not in self.roles or ps.is_buffer:
                 continue
             units, vals = slice_values(tensor(ps.param), ps)
-            v = np.array([_lp(x, self.p) for x in vals]) if isinstance(vals, list) else _lp(vals, self.p, 1)
+            v = np.array([lp_norm(x, self.p) for x in vals]) if isinstance(vals, list) else lp_norm(vals, self.p, 1)
             if self.layer_normalize and v.mean() > 0:
                 v = v / v.mean()
             full = np.full(group.size, np.nan)
@@ -185,7 +189,7 @@ class BNScaleImportance(ImportancePass):
             if ps.role == "norm" and ps.param.endswith(".weight") and not ps.is_buffer:
                 units, vals = slice_values(tensor(ps.param), ps)
                 full = np.zeros(group.size)
-                full[units] = [_lp(x, 1) for x in vals] if isinstance(vals, list) else _lp(vals, 1, 1)
+                full[units] = [lp_norm(x, 1) for x in vals] if isinstance(vals, list) else lp_norm(vals, 1, 1)
                 per.append(full)
         if not per:
             return None
@@ -205,10 +209,22 @@ class RandomImportance(ImportancePass):
         return np.random.default_rng([self.seed, group.id]).random(group.size)
 
 
+def resolve_importance(importance: Any, normalize: str | None = None, reduction: str = "sum",
+                       seed: int = 0) -> "ImportancePass":
+    """An importance pass from a name (:data:`IMPORTANCE`) or a pass object (returned as is)."""
+    from_pass = getattr(importance, "run", None)
+    if from_pass is not None and hasattr(importance, "name"):
+        return importance
+    if isinstance(importance, str):
+        if importance not in IMPORTANCE:
+            raise ConfigError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCE)}, or pass an "
+                              "ImportancePass object")
+        return named_importance(importance, normalize=normalize, reduction=reduction, seed=seed)
+    raise ConfigError(f"importance must be a name ({', '.join(IMPORTANCE)}) or a Pass, got {type(importance).__name__}")
+
+
 def _filtered(factory: Callable[..., ImportancePass], kw: dict) -> dict:
     """The options of ``kw`` that ``factory`` accepts (compile passes every option to every criterion)."""
-    import inspect
-
     try:
         params = inspect.signature(factory).parameters  # a partial's signature omits its bound names
     except (TypeError, ValueError):
@@ -227,7 +243,8 @@ def register_importance(name: str, factory: Callable[..., ImportancePass]) -> No
     IMPORTANCE[name] = factory
 
 
-def _named(name: str, **kw) -> ImportancePass:
+def named_importance(name: str, **kw) -> ImportancePass:
+    """The registered criterion ``name`` built with the options of ``kw`` it accepts."""
     if name not in IMPORTANCE:
         raise ConfigError(f"unknown importance {name!r}; known: {', '.join(IMPORTANCE)} or an ImportancePass object")
     factory = IMPORTANCE[name]

@@ -14,13 +14,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .. import meta
-from ..errors import VerificationError, node_location
+from ..errors import node_location
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable

@@ -22,7 +22,9 @@ import torch.fx as fx
 from .. import meta
 from ..errors import ConfigError
 from ..ir import ChannelGroup, Selection
+from ..flops import count_cost
 from ..pipeline import Context, Pass, PassResult
+from .rewrite import rewrite_graph
 
 __all__ = ["Select", "choose_units", "validate_ratio", "floor_count"]
 
@@ -171,9 +173,6 @@ class Select(Pass):
         return PassResult(gm, False, {"groups_pruned": len(sel.keep), "macs": macs, "ratio": r})
 
     def _search(self, gm, ctx, analysis, scores):
-        from .rewrite import rewrite_graph
-        from ..flops import count_cost
-
         base = count_cost(gm).macs
         target = self.target_macs * base if self.target_macs <= 1 else self.target_macs
 

@@ -65,7 +65,7 @@ def masked_reference(gm: fx.GraphModule, analysis, selection: Selection, absorbe
                 except ValueError:  # ragged explicit map
                     pos = np.concatenate([np.asarray(ps.span.table[r]) for r in rows])  # type: ignore
                 if ps.groups > 1:
-                    g_, og, cg = ps.groups, t.shape[0] // ps.groups, t.shape[1]
+                    og, cg = t.shape[0] // ps.groups, t.shape[1]
                     for c in pos:
                         q, j = divmod(int(c), cg)
                         t[q * og : (q + 1) * og, j] = 0

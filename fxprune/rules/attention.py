@@ -319,7 +319,7 @@ class MultiheadAttentionRule(Rule):
             return None
         return mha_macs(m, q, k, bool(m.batch_first))
 
-    def kind(self, node, gm) -> str | None:
+    def layer_kind(self, node, gm) -> str | None:
         return type(gm.get_submodule(str(node.target))).__name__
 
 

@@ -5,7 +5,7 @@ Tensor method, an ATen overload). It says (a) how the op's input and output chan
 (:meth:`Rule.analyze`), (b) how to build the smaller op (:meth:`Rule.rewrite_module` for modules,
 :meth:`Rule.rewrite_node` for literal arguments), (c) its cost (:meth:`Rule.macs`), (d) what calibration
 sees when the op consumes channels (:meth:`Rule.consumer`), and (e) what a report calls it
-(:meth:`Rule.kind`). The families live one per file in this package; a family writes its meaning once and
+(:meth:`Rule.layer_kind`). The families live one per file in this package; a family writes its meaning once and
 registers one thin binder per spelling (:mod:`fxprune.rules.calls`).
 
 Rules talk about *axes*: one axis per dim of every tensor a node produces, per dim of every parameter,
@@ -35,7 +35,6 @@ after every rule ran, except for a dim some rule gave a grouped view.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
@@ -44,314 +43,11 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedOpError
-from ..ir import Constraint
-from ..meta import is_multi, shape_of
+from ..meta import shape_of
+from .axes import Axis, AxisTable, ParamInfo, RuleContext, is_state, lookup_tensor, op_key
 
-__all__ = ["Axis", "AxisTable", "ParamInfo", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES",
+__all__ = ["Axis", "AxisTable", "ParamInfo", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES", "is_state",
            "op_key", "lookup_tensor", "slice_param", "shrink_tensors"]
-
-
-@dataclass(frozen=True)
-class Axis:
-    """One dim of a tensor/parameter: ``key`` identifies it, elements ``base .. base+size-1``."""
-
-    key: tuple
-    base: int
-    size: int
-
-    def ids(self, idx: np.ndarray | None = None) -> np.ndarray:
-        if idx is None:
-            return np.arange(self.base, self.base + self.size, dtype=np.int64)
-        return self.base + np.asarray(idx, dtype=np.int64)
-
-
-@dataclass
-class ParamInfo:
-    """Role of a parameter dim (``"out"``, ``"in"``, ``"norm"``, ``"other"``); ``groups > 1`` marks a grouped
-    view (the dim addressed ``groups`` times over, see the module docstring)."""
-
-    role: str
-    groups: int = 1
-    is_buffer: bool = False
-
-
-class AxisTable:
-    """Every axis of a graph and every fact rules stated about their elements."""
-
-    def __init__(self) -> None:
-        self.axes: dict[tuple, Axis] = {}
-        self.order: list[tuple] = []
-        self.n = 0
-        self.eye: list[tuple[int, int, int]] = []  # identity ties: (base_a, base_b, size)
-        self.maps: list[tuple[np.ndarray, np.ndarray]] = []  # general ties
-        self.pins: list[tuple[np.ndarray, str, bool]] = []  # (element ids, reason, blocks whole group)
-        self.producers: list[tuple[tuple, str]] = []  # (axis key, root name)
-        self.constraints: list[tuple[tuple, Constraint]] = []
-        self.lossy: list[tuple[np.ndarray, str, bool]] = []  # (element ids, reason, pinned unless allowed)
-        self.params: dict[tuple, ParamInfo] = {}
-        self.live: set[tuple] = set()
-
-    def axis(self, key: tuple, size: int) -> Axis:
-        ax = self.axes.get(key)
-        if ax is None:
-            ax = Axis(key, self.n, int(size))
-            self.axes[key] = ax
-            self.order.append(key)
-            self.n += int(size)
-        elif ax.size != size:
-            raise ValueError(f"axis {key} registered with size {ax.size}, now {size}")
-        return ax
-
-    def groups_of(self, qualname: str, dim: int) -> int:
-        info = self.params.get(("p", qualname, dim))
-        return info.groups if info is not None else 1
-
-
-def op_key(gm: fx.GraphModule, node: fx.Node) -> str:
-    """Human-readable op identity: module type, function qualname or method name."""
-    if node.op == "call_module":
-        return f"module {type(gm.get_submodule(node.target)).__qualname__}"
-    if node.op == "call_function":
-        mod = getattr(node.target, "__module__", None) or ""
-        return f"function {mod + '.' if mod else ''}{getattr(node.target, '__name__', node.target)}"
-    if node.op == "call_method":
-        return f"method Tensor.{node.target}"
-    return node.op
-
-
-def lookup_tensor(gm: nn.Module, qualname: str) -> tuple[torch.Tensor, bool]:
-    """``(tensor, is_buffer)`` of the parameter, buffer or tensor attribute ``qualname`` of ``gm``."""
-    mod_name, _, attr = qualname.rpartition(".")
-    mod = gm.get_submodule(mod_name) if mod_name else gm
-    if attr in mod._parameters:
-        return mod._parameters[attr], False
-    if attr in mod._buffers:
-        return mod._buffers[attr], True
-    t = getattr(mod, attr)
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{qualname} is not a tensor")
-    return t, False
-
-
-def is_state(gm: nn.Module, qualname: str) -> bool:
-    """Whether ``qualname`` names a registered parameter or buffer (not a plain tensor attribute)."""
-    owner, _, attr = qualname.rpartition(".")
-    try:
-        mod = gm.get_submodule(owner) if owner else gm
-    except AttributeError:
-        return False
-    return attr in mod._parameters or attr in mod._buffers
-
-
-class RuleContext:
-    """What a rule sees while analysing one node."""
-
-    def __init__(self, table: AxisTable, gm: fx.GraphModule, node: fx.Node, rule_name: str) -> None:
-        self.table = table
-        self.gm = gm
-        self.node = node
-        self.rule_name = rule_name
-        self.touched: set[tuple] = set()
-
-    # -- looking at the node --------------------------------------------------------------------
-    @property
-    def module(self) -> nn.Module:
-        return self.gm.get_submodule(self.node.target)
-
-    @property
-    def module_name(self) -> str:
-        return str(self.node.target)
-
-    def arg(self, pos: int, name: str | None = None, default: Any = None) -> Any:
-        """Positional-or-keyword argument of the node (fx keeps call arguments as written)."""
-        if pos is not None and pos < len(self.node.args):
-            return self.node.args[pos]
-        if name is not None and name in self.node.kwargs:
-            return self.node.kwargs[name]
-        return default
-
-    def shape(self, x: Any, index: int | None = None) -> tuple[int, ...] | None:
-        return shape_of(x, index) if isinstance(x, fx.Node) else None
-
-    def out_shape(self, index: int | None = None) -> tuple[int, ...] | None:
-        return shape_of(self.node, index)
-
-    def is_tensor(self, x: Any) -> bool:
-        return isinstance(x, fx.Node) and shape_of(x) is not None
-
-    def tensor_args(self) -> list[fx.Node]:
-        seen: list[fx.Node] = []
-        for x in self.node.all_input_nodes:
-            if shape_of(x) is not None and x not in seen:
-                seen.append(x)
-        return seen
-
-    # -- axes -----------------------------------------------------------------------------------
-    def act(self, x: fx.Node, dim: int, index: int | None = None) -> Axis:
-        shp = shape_of(x, index)
-        if shp is None:
-            raise ValueError(f"{x} has no tensor shape")
-        d = dim % len(shp)
-        return self._mark(self.table.axis(("a", x.name, index, d), shp[d]))
-
-    def out(self, dim: int, index: int | None = None) -> Axis:
-        return self.act(self.node, dim, index)
-
-    def param(self, qualname: str, dim: int, role: str, groups: int = 1) -> Axis:
-        """Axis of a parameter or buffer dim (by qualified name in the traced module) in a given role;
-        ``groups > 1``: the grouped view of the dim (``groups`` times its length)."""
-        t, is_buffer = lookup_tensor(self.gm, qualname)
-        d = dim % t.dim()
-        key = ("p", qualname, d)
-        ax = self.table.axis(key, t.shape[d] * groups)
-        self.table.params[key] = ParamInfo(role, groups, is_buffer)
-        return self._mark(ax)
-
-    def virtual(self, tag: str, size: int) -> Axis:
-        return self._mark(self.table.axis(("v", self.node.name, tag), size))
-
-    def _mark(self, ax: Axis) -> Axis:
-        self.touched.add(ax.key)
-        return ax
-
-    # -- facts ----------------------------------------------------------------------------------
-    def tie(self, a: Axis, b: Axis) -> None:
-        if a.size != b.size:
-            raise ValueError(f"{self.rule_name}: cannot tie {a.key} (size {a.size}) to {b.key} (size {b.size})")
-        self._mark(a), self._mark(b)
-        if a.key != b.key:
-            self.table.eye.append((a.base, b.base, a.size))
-            self._share_live(a, b)
-
-    def tie_map(self, a: Axis, a_idx: np.ndarray, b: Axis, b_idx: np.ndarray) -> None:
-        """Tie ``a[a_idx[k]]`` with ``b[b_idx[k]]`` for every k."""
-        self._mark(a), self._mark(b)
-        self.table.maps.append((a.ids(a_idx), b.ids(b_idx)))
-        self._share_live(a, b)
-
-    def tie_slice(self, big: Axis, offset: int, small: Axis) -> None:
-        self._mark(big), self._mark(small)
-        if offset + small.size > big.size:
-            raise ValueError(f"{self.rule_name}: slice {offset}+{small.size} exceeds {big.key}")
-        self.table.eye.append((big.base + offset, small.base, small.size))
-        self._share_live(big, small)
-
-    def tie_product(self, merged: Axis, factors: Sequence[Axis], prefer: int | None = None) -> None:
-        """``merged`` is the row-major product of ``factors`` (a flatten, or a view splitting a dim).
-
-        The channel identity of a merged position follows ONE factor; the others are pinned (kept
-        whole), which is exactly right when they are spatial/token dims. The factor chosen is the
-        outermost one that already carries channels (live), else ``prefer``, else the outermost
-        non-trivial one (attention heads when splitting E into (H, d)).
-        """
-        self._mark(merged)
-        for f in factors:
-            self._mark(f)
-        sizes = [f.size for f in factors]
-        if int(np.prod(sizes)) != merged.size:
-            raise ValueError(f"{self.rule_name}: product {sizes} != {merged.size}")
-        nontrivial = [i for i, s in enumerate(sizes) if s > 1]
-        if not nontrivial:
-            self.pin(merged, "size-1 dims")
-            return
-        live = [i for i in nontrivial if factors[i].key in self.table.live]
-        if len(live) == 1 or (live and (prefer is None or prefer not in live)):
-            chosen = live[0]
-        elif live:
-            chosen = prefer
-        elif prefer is not None and prefer in nontrivial:
-            chosen = prefer
-        else:
-            chosen = nontrivial[0]
-        inner = int(np.prod(sizes[chosen + 1 :]))
-        f = factors[chosen]
-        # merged position p = outer*(f.size*inner) + i*inner + b  ->  factor index i
-        pos = np.arange(merged.size, dtype=np.int64)
-        self.table.maps.append((merged.ids(), f.ids((pos // inner) % f.size)))
-        self._share_live(merged, f)
-        for i in nontrivial:
-            if i != chosen:
-                self.pin(factors[i], f"reshape merges it with another channel dim (node {self.node.name})")
-
-    def produce(self, a: Axis, root: str | None = None) -> None:
-        self._mark(a)
-        self.table.producers.append((a.key, root or self._default_root()))
-        self.table.live.add(a.key)
-
-    def pin(self, a: Axis, reason: str, block_group: bool = False, idx: np.ndarray | None = None) -> None:
-        """These positions of ``a`` must stay; ``block_group`` also blocks every group touching them."""
-        self._mark(a)
-        self.table.pins.append((a.ids(idx), reason, block_group))
-
-    def free(self, a: Axis) -> None:
-        """Declare that this op does not constrain ``a`` (e.g. ``x.size()`` reads only the shape)."""
-        self._mark(a)
-
-    def constrain(self, a: Axis, c: Constraint) -> None:
-        self._mark(a)
-        self.table.constraints.append((a.key, c))
-
-    def lossy(self, a: Axis, reason: str, pin_unless_allowed: bool = False) -> None:
-        """Removing positions of ``a`` is not exactly lossless (statistics over them). The group is blocked
-        unless ``allow_lossy=True``; with ``pin_unless_allowed`` only these positions are pinned instead
-        (the rest of the group stays prunable), as for any op that reads them."""
-        self._mark(a)
-        self.table.lossy.append((a.ids(), reason, pin_unless_allowed))
-
-    def is_live(self, a: Axis) -> bool:
-        """Whether ``a`` already carries channels of some producer (as far as the graph was read)."""
-        return a.key in self.table.live
-
-    def _share_live(self, a: Axis, b: Axis) -> None:
-        live = self.table.live
-        if a.key in live or b.key in live:
-            live.add(a.key)
-            live.add(b.key)
-
-    def _default_root(self) -> str:
-        return str(self.node.target) if self.node.op == "call_module" else self.node.name
-
-    # -- helpers used by many rules -----------------------------------------------------------------
-    def all_dims(self, x: fx.Node, index: int | None = None) -> list[Axis]:
-        shp = shape_of(x, index)
-        return [] if shp is None else [self.act(x, d, index) for d in range(len(shp))]
-
-    def tie_same_shape(self, x: fx.Node, index: int | None = None) -> None:
-        """Output dims == input dims one to one (unary element-wise ops)."""
-        for a, b in zip(self.all_dims(x), self.all_dims(self.node, index), strict=True):
-            self.tie(a, b)
-
-    def tie_broadcast(self, inputs: Iterable[Any]) -> None:
-        """Broadcasting element-wise op: align dims from the right; size-1 (broadcast) dims stay free."""
-        out = self.out_shape()
-        outs = self.all_dims(self.node)
-        for x in inputs:
-            shp = self.shape(x)
-            if shp is None:
-                continue
-            for k in range(1, len(shp) + 1):
-                a = self.act(x, -k)
-                if shp[-k] == out[-k]:
-                    self.tie(a, outs[-k])
-                elif shp[-k] == 1:
-                    # a broadcast dim must stay size 1 (it may be a slice of a prunable dim: x[:, :1])
-                    self.pin(a, "broadcast dim")
-
-    def finish(self) -> None:
-        """Pin every input/output dim the rule did not mention (never guess)."""
-        todo: list[tuple[fx.Node, int | None]] = [(x, None) for x in self.tensor_args()]
-        tm = self.node.meta.get("tensor_meta")
-        if is_multi(tm):
-            todo += [(self.node, i) for i in range(len(tm)) if tm[i] is not None]
-        elif tm is not None:
-            todo.append((self.node, None))
-        for x, index in todo:
-            shp = shape_of(x, index)
-            for d in range(len(shp)):
-                key = ("a", x.name, index, d)
-                if key not in self.touched:
-                    ax = self.table.axis(key, shp[d])
-                    self.table.pins.append((ax.ids(), f"{self.rule_name} does not map dim {d} of {x.name}", False))
 
 
 class RewriteContext:
@@ -423,7 +119,7 @@ class Rule:
     the op holds sizes that must change (module attributes, literal arguments).
 
     Optional knowledge a family adds (the defaults say "nothing known"): :meth:`macs`, :meth:`consumer`,
-    :meth:`kind`, :meth:`dim_origins`, :meth:`produced_dim`, :meth:`positional_dim` and the flags
+    :meth:`layer_kind`, :meth:`dim_origins`, :meth:`produced_dim`, :meth:`positional_dim` and the flags
     :attr:`positionwise`, :attr:`permutes`, :attr:`reshapes`, :attr:`expands`. Tiny example models exercising each rule
     live in :mod:`fxprune.testing.examples`, keyed by :attr:`name`.
     """
@@ -482,7 +178,7 @@ class Rule:
         channels through a parameter (what calibration and reconstruction model), else None."""
         return None
 
-    def kind(self, node: fx.Node, gm: fx.GraphModule) -> str | None:
+    def layer_kind(self, node: fx.Node, gm: fx.GraphModule) -> str | None:
         """What a report calls the op (``"Conv2d"``, ``"Linear"``...), or None."""
         return None
 

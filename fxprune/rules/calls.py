@@ -275,7 +275,7 @@ class Family:
     def consumer(self, call: Any, node: fx.Node, gm: fx.GraphModule) -> Consumer | None:
         return None
 
-    def kind(self, call: Any, node: fx.Node, gm: fx.GraphModule) -> str | None:
+    def layer_kind(self, call: Any, node: fx.Node, gm: fx.GraphModule) -> str | None:
         return None
 
     def dim_origins(self, call: Any, node: fx.Node, dim: int) -> list[tuple[fx.Node, int]]:
@@ -341,9 +341,9 @@ class Bound(Rule):
         call = self.bind(node, gm)
         return None if call is None else self.family.consumer(call, node, gm)
 
-    def kind(self, node: fx.Node, gm: fx.GraphModule) -> str | None:
+    def layer_kind(self, node: fx.Node, gm: fx.GraphModule) -> str | None:
         call = self.bind(node, gm)
-        return None if call is None else self.family.kind(call, node, gm)
+        return None if call is None else self.family.layer_kind(call, node, gm)
 
     def _call_of(self, node: fx.Node) -> Any:
         try:

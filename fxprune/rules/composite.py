@@ -127,7 +127,7 @@ class KeptWhole(Rule):
             return None if src is None or tgt is None else _encoder(mod.encoder, src) + _decoder(mod.decoder, tgt, src)
         return None
 
-    def kind(self, node, gm) -> str | None:
+    def layer_kind(self, node, gm) -> str | None:
         return type(gm.get_submodule(str(node.target))).__name__
 
 

@@ -224,7 +224,7 @@ class ConvFamily(Family):
             return None
         return 1 if len(xs) == len(w) else 0
 
-    def kind(self, call, node, gm) -> str | None:
+    def layer_kind(self, call, node, gm) -> str | None:
         if node.op == "call_module":
             return type(module_of(node, gm)).__name__
         w = tensor_shape(gm, call.weight)

@@ -25,7 +25,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from .. import meta
 from .base import RULES, Rule, RuleContext

@@ -56,7 +56,7 @@ class EmbeddingFamily(Family):
         os_ = shape_of(node)
         return None if os_ is None else len(os_) - 1
 
-    def kind(self, call, node, gm) -> str | None:
+    def layer_kind(self, call, node, gm) -> str | None:
         if node.op == "call_module":
             return type(module_of(node, gm)).__name__
         return user_type(node) or "Embedding"

@@ -115,7 +115,7 @@ class LinearFamily(Family):
             return []
         return [(call.input, dim % len(os_))]
 
-    def kind(self, call, node, gm) -> str | None:
+    def layer_kind(self, call, node, gm) -> str | None:
         if node.op == "call_module":
             return type(module_of(node, gm)).__name__
         return user_type(node) or "Linear"

@@ -85,8 +85,8 @@ class ProductFamily(Family):
     def consumer(self, call, node, gm):
         return LINEAR.consumer(call, node, gm) if isinstance(call, LinearCall) else None
 
-    def kind(self, call, node, gm) -> str | None:
-        return LINEAR.kind(call, node, gm) if isinstance(call, LinearCall) else None
+    def layer_kind(self, call, node, gm) -> str | None:
+        return LINEAR.layer_kind(call, node, gm) if isinstance(call, LinearCall) else None
 
     def produced_dim(self, call, node) -> int | None:
         return LINEAR.produced_dim(call, node) if isinstance(call, LinearCall) else None

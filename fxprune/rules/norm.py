@@ -124,7 +124,7 @@ class NormFamily(Family):
             k = call.normalized
             for i in range(k):
                 ax = rc.act(x, -k + i)
-                rc.lossy(ax, f"{where}: {self.kind(call, node, rc.gm)} statistics span the normalised dims")
+                rc.lossy(ax, f"{where}: {self.layer_kind(call, node, rc.gm)} statistics span the normalised dims")
                 for _, p in call.params:
                     rc.tie(ax, weight_axis(rc, p, i, "norm"))
             if multi:
@@ -197,7 +197,7 @@ class NormFamily(Family):
         os_ = shape_of(node, None if shape_of(node) is not None else 0)
         return [(call.input, dim % len(xs))] if xs is not None and xs == os_ else []
 
-    def kind(self, call, node, gm) -> str | None:
+    def layer_kind(self, call, node, gm) -> str | None:
         if node.op == "call_module":
             return type(module_of(node, gm)).__name__
         return user_type(node) or {"channel": "BatchNorm", "group": "GroupNorm", "last": "LayerNorm"}.get(call.kind)

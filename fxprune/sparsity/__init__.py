@@ -1,22 +1,14 @@
 """Training-time sparsity tools and the pruning-method extras that sit around the compiler.
 
-Magnitude connection pruning (Han et al.) and the structural payoff criterion ``importance="dead"``
-live in :mod:`.magnitude`; Li et al.'s sensitivity analysis, ratio choice and projection-shortcut rule
+Magnitude connection pruning (Han et al.) lives in :mod:`.magnitude`, its compressed export in
+:mod:`.sparse_io` and the structural payoff criterion ``importance="dead"`` in :mod:`.dead`; Li et al.'s sensitivity analysis, ratio choice and projection-shortcut rule
 (``importance="l1_projection"``) in :mod:`.sensitivity`.
 """
 
-from ..passes.importance import register_importance as _register_importance
-from .magnitude import (
-    DeadUnitImportance,
-    ExportStats,
-    MagnitudePruner,
-    PruneStep,
-    SparsityReport,
-    export_sparse,
-    iterative_magnitude_prune,
-    load_sparse,
-    sparsity_report,
-)
+from ..passes.importance import register_importance
+from .dead import DeadUnitImportance
+from .magnitude import MagnitudePruner, PruneStep, SparsityReport, iterative_magnitude_prune, sparsity_report
+from .sparse_io import ExportStats, export_sparse, load_sparse
 from .sensitivity import (
     MissingDependencyError,
     ProjectionShortcutImportance,
@@ -26,7 +18,7 @@ from .sensitivity import (
     sensitivity,
 )
 
-_register_importance("dead", DeadUnitImportance)
+register_importance("dead", DeadUnitImportance)
 
 __all__ = [
     "MagnitudePruner", "PruneStep", "iterative_magnitude_prune", "SparsityReport", "sparsity_report",

@@ -31,18 +31,19 @@ import logging
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..ir import ChannelGroup, ParamSlice, member_units
+from ..passes.group import analyze_graph
+from ..prepare import prepare
 from .slimming import bn_modules, check_penalty
 
 __all__ = ["ISTA", "ista_penalties", "scale_bn", "BNScaling"]
@@ -51,9 +52,6 @@ log = logging.getLogger(__name__)
 
 
 def _analyse(model: nn.Module, example_inputs: Any):
-    from ..api import prepare
-    from ..passes.group import analyze_graph
-
     gm, inputs = prepare(model, example_inputs)
     return gm, inputs, analyze_graph(gm, unknown="block")
 

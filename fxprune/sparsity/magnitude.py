@@ -40,36 +40,19 @@ True
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
-import torch.fx as fx
 from torch import nn
 
-from .. import meta
 from ..errors import ConfigError, InputError
-from ..ir import ChannelGroup, member_units
-from ..passes.importance import ImportancePass, slice_values
-from ..pipeline import Context, PassResult
-from ..rules.base import lookup_tensor
+from ..progress import progress as progress_bar
 
-__all__ = [
-    "MagnitudePruner",
-    "PruneStep",
-    "iterative_magnitude_prune",
-    "SparsityReport",
-    "sparsity_report",
-    "ExportStats",
-    "export_sparse",
-    "load_sparse",
-    "DeadUnitImportance",
-]
+__all__ = ["MagnitudePruner", "PruneStep", "iterative_magnitude_prune", "SparsityReport", "sparsity_report",
+           "select_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +66,7 @@ def _check_q(q: Any, what: str = "q") -> float:
     return float(q)
 
 
-def _select_layers(model: nn.Module, layers: Any) -> dict[str, nn.Module]:
+def select_layers(model: nn.Module, layers: Any) -> dict[str, nn.Module]:
     mods = dict(model.named_modules())
     if layers is None:
         out = {n: m for n, m in mods.items() if isinstance(m, _WEIGHTED)}
@@ -144,7 +127,7 @@ class MagnitudePruner:
         self.min_keep = min_keep
         self.on_empty = on_empty
         self.default_q = _check_q(default_q, "default_q")
-        self.layers = _select_layers(model, layers)
+        self.layers = select_layers(model, layers)
         self.q = self._check_qs(q)
         self.masks: dict[str, torch.Tensor] = {}
         self.dense_std: dict[str, float] = {}
@@ -329,14 +312,12 @@ def iterative_magnitude_prune(
     never re-initialised); its return value (e.g. a validation accuracy) is recorded as ``metric``.
     Returns the history, one dict per round (round, q, sparsity, removed, metric, guarded).
     """
-    from ..finetune import _progress
-
     if not callable(train_fn):
         raise ConfigError("train_fn must be callable as train_fn(model, round)")
     if not len(qs):
         raise ConfigError("qs must list at least one q")
     history: list[dict[str, Any]] = []
-    with _progress(total=len(qs), desc="magnitude prune", enabled=progress) as bar:
+    with progress_bar(total=len(qs), desc="magnitude prune", enabled=progress) as bar:
         for i, q in enumerate(qs):
             step = pruner.prune(q)
             if adjust_dropout:
@@ -390,222 +371,7 @@ class SparsityReport:
 def sparsity_report(model: nn.Module, layers: Any = None) -> SparsityReport:
     """Count the exact zeros of the weights of ``layers`` (default: every Linear/Conv layer)."""
     rows = []
-    for n, m in _select_layers(model, layers).items():
+    for n, m in select_layers(model, layers).items():
         w = m.weight.detach()
         rows.append((n, int(w.numel()), int((w != 0).sum())))
     return SparsityReport(tuple(rows))
-
-
-# -- compressed export ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExportStats:
-    """Measured sizes (bytes): the written file vs ``torch.save`` of the dense state dict."""
-
-    file_bytes: int
-    dense_file_bytes: int
-    payload_bytes: int  # bytes of the encoded sparse tensors (values + indices) alone
-    dense_payload_bytes: int  # bytes of the same tensors stored densely
-    fillers: int  # relative-index filler entries (gaps longer than the index width)
-
-    @property
-    def ratio(self) -> float:
-        return self.dense_file_bytes / max(self.file_bytes, 1)
-
-
-_FORMAT = "fxprune.sparse/1"
-
-
-def _encode_relative(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Han's relative indexing over the flattened tensor: (values, gaps) with filler zeros for long gaps."""
-    flat = w.detach().reshape(-1)
-    pos = torch.nonzero(flat, as_tuple=False).reshape(-1).numpy().astype(np.int64)
-    vals = flat[torch.as_tensor(pos)].numpy() if len(pos) else np.zeros(0, dtype=flat.numpy().dtype)
-    cap = (1 << bits) - 1
-    gaps = np.diff(np.concatenate([[-1], pos]))
-    # a gap g > cap becomes ceil(g / cap) - 1 fillers of width cap and a final gap of g - fillers * cap
-    nfill = np.maximum((gaps - 1) // cap, 0)
-    total = int(len(pos) + nfill.sum())
-    out_gap = np.full(total, cap, dtype=np.int64)
-    out_val = np.zeros(total, dtype=vals.dtype)
-    idx = np.cumsum(nfill + 1) - 1  # where each real entry lands
-    out_gap[idx] = gaps - nfill * cap
-    out_val[idx] = vals
-    dt = torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
-    return torch.from_numpy(out_val.copy()), torch.from_numpy(out_gap).to(dt), int(nfill.sum())
-
-
-def _decode_relative(values: torch.Tensor, gaps: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    n = int(np.prod(shape)) if len(shape) else 1
-    flat = torch.zeros(n, dtype=values.dtype)
-    if values.numel():
-        pos = torch.cumsum(gaps.to(torch.int64), 0) - 1
-        flat[pos] = values
-    return flat.reshape(tuple(shape))
-
-
-def export_sparse(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike, *,
-                  layers: Any = None, index_bits: int = 8, values_dtype: torch.dtype | None = None,
-                  min_sparsity: float = 0.5) -> ExportStats:
-    """Write the state dict with sparse weights in Han's relative-index form; return measured sizes.
-
-    Weights of ``layers`` (default: every Linear/Conv layer; or pass a state dict to encode every
-    tensor) that are at least ``min_sparsity`` zero are stored as ``values`` + ``gaps`` (uint8 for
-    ``index_bits=8``: position of each nonzero relative to the previous one, with explicit zero fillers
-    when a gap exceeds 2^bits − 1); everything else is stored dense. The file holds only tensors, strings
-    and ints, so ``torch.load(path, weights_only=True)`` reads it; :func:`load_sparse` decodes it.
-    ``values_dtype`` (e.g. ``torch.float16``) optionally stores the values in a smaller float type.
-    """
-    if not isinstance(index_bits, int) or isinstance(index_bits, bool) or not 2 <= index_bits <= 31:
-        raise ConfigError(f"index_bits must be an integer in [2, 31], got {index_bits!r}")
-    if not 0 <= min_sparsity <= 1:
-        raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
-    if isinstance(model, nn.Module):
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        targets = {f"{n}.weight" if n else "weight" for n in _select_layers(model, layers)}
-    elif isinstance(model, Mapping):
-        state = {k: v.detach() for k, v in model.items()}
-        targets = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    else:
-        raise InputError(f"export_sparse needs an nn.Module or a state dict, got {type(model).__name__}")
-    dense: dict[str, torch.Tensor] = {}
-    sparse: dict[str, dict[str, Any]] = {}
-    payload = dense_payload = fillers = 0
-    for k, v in state.items():
-        if k in targets and v.numel() and float((v == 0).float().mean()) >= min_sparsity:
-            vals, gaps, nf = _encode_relative(v.cpu(), index_bits)
-            if values_dtype is not None:
-                vals = vals.to(values_dtype)
-            sparse[k] = {"values": vals, "gaps": gaps, "shape": list(v.shape), "dtype": str(v.dtype)}
-            payload += vals.numel() * vals.element_size() + gaps.numel() * gaps.element_size()
-            dense_payload += v.numel() * v.element_size()
-            fillers += nf
-        else:
-            dense[k] = v.cpu().clone()
-    torch.save({"format": _FORMAT, "index_bits": index_bits, "dense": dense, "sparse": sparse}, path)
-    buf = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in state.items()}, buf)
-    return ExportStats(os.path.getsize(path), buf.getbuffer().nbytes, payload, dense_payload, fillers)
-
-
-def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Decode a file written by :func:`export_sparse` into a dense state dict (and load it into ``model``)."""
-    blob = torch.load(path, weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-        raise InputError(f"{os.fspath(path)!r} is not a file written by fxprune.sparsity.export_sparse")
-    state = dict(blob["dense"])
-    for k, e in blob["sparse"].items():
-        dt = getattr(torch, e["dtype"].replace("torch.", ""))
-        state[k] = _decode_relative(e["values"], e["gaps"], e["shape"]).to(dt)
-    if model is not None:
-        model.load_state_dict(state)
-    return state
-
-
-# -- structural payoff: the compiler removes units that the masks made dead ------------------------
-@dataclass(frozen=True)
-class DeadUnitImportance(ImportancePass):
-    """Score 0 for units that are provably dead, 1 + L1 of their slices otherwise (``importance="dead"``).
-
-    With ``threshold=0.0`` the compiler then removes exactly the dead units, and the result computes the
-    same function as the model it was given:
-
-    * every consuming slice (role ``"in"``) of the unit is zero: this is the compiler's masked reference
-      itself, so removal is exact by construction;
-    * or every producing slice (role ``"out"``: filters/rows *and* biases) is zero, the group has no
-      normalisation or other per-channel parameters (a BN would turn 0 into a constant), and the unit's
-      activations are exactly 0 on the example inputs. With zero producers and no norm the activations
-      cannot depend on the input, so "0 on the example inputs" means 0 everywhere (this also rejects
-      activations with f(0) ≠ 0).
-
-    ``importance="l1", threshold=0.0`` is the stricter form: a unit goes only when *all* its slices
-    are zero (producer and consumer).
-    """
-
-    name: ClassVar[str] = "importance"
-    normalize: str | None = None
-    consumers: bool = True  # remove units whose input kernels in every consumer are zero
-    producers: bool = True  # remove zero-producer, norm-free units whose activations are 0
-
-    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        analysis = meta.get(gm, "groups")
-        acts = _observe(gm, ctx.example_inputs, {c.node for g in analysis.groups if g.prunable for c in g.channels}) \
-            if self.producers else {}
-        out: dict[int, np.ndarray] = {}
-        dead_total = 0
-        for g in analysis.groups:
-            if not g.prunable:
-                continue
-            s = self._scores(gm, g, acts)
-            dead_total += int((s == 0).sum())
-            out[g.id] = s
-        meta.put(gm, "importance", out)
-        return PassResult(gm, False, {"scored": len(out), "dead_units": dead_total})
-
-    def _scores(self, gm: fx.GraphModule, g: ChannelGroup, acts: Mapping[str, Any]) -> np.ndarray:
-        l1 = np.zeros(g.size)
-        zero = {"in": np.ones(g.size, dtype=bool), "out": np.ones(g.size, dtype=bool)}
-        has = {"in": np.zeros(g.size, dtype=bool), "out": np.zeros(g.size, dtype=bool)}
-        normed = False
-        for ps in g.params:
-            if ps.role in ("norm", "other"):
-                normed = True
-            if ps.is_buffer:
-                continue
-            units, vals = slice_values(lookup_tensor(gm, ps.param)[0], ps)
-            v = np.array([float(x.abs().sum()) for x in vals]) if isinstance(vals, list) \
-                else vals.abs().double().sum(1).numpy()
-            np.add.at(l1, units, v)
-            if ps.role in zero:
-                zero[ps.role][units] &= v == 0
-                has[ps.role][units] = True
-        dead = np.zeros(g.size, dtype=bool)
-        if self.consumers:
-            dead |= zero["in"]
-        if self.producers and not normed:
-            cand = zero["out"] & has["out"]
-            if cand.any():
-                dead |= cand & _zero_activations(g, acts)
-        return np.where(dead, 0.0, 1.0 + l1)
-
-
-def _observe(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], names: set[str]) -> dict[str, Any]:
-    """Outputs of the nodes named in ``names`` on ``inputs`` (eval mode, no grad)."""
-    seen: dict[str, Any] = {}
-
-    class _Rec(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            r = super().run_node(n)
-            if n.name in names:
-                seen[n.name] = r
-            return r
-
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            _Rec(gm).run(*inputs)
-    finally:
-        gm.train(was)
-    return seen
-
-
-def _zero_activations(g: ChannelGroup, acts: Mapping[str, Any]) -> np.ndarray:
-    """Per unit: True when every activation position of the unit is exactly 0 (False if unobserved)."""
-    ok = np.ones(g.size, dtype=bool)
-    for c in g.channels:
-        a = acts.get(c.node)
-        if c.output is not None and isinstance(a, (tuple, list)):
-            a = a[c.output]
-        if not isinstance(a, torch.Tensor):
-            return np.zeros(g.size, dtype=bool)
-        flat = (a != 0).movedim(c.dim, 0).reshape(a.shape[c.dim], -1).any(1).numpy()
-        units = member_units(c)
-        try:
-            rows = c.span.indices()
-            nz = flat[rows].any(1)
-        except ValueError:  # ragged explicit map
-            nz = np.array([flat[list(r)].any() for r in c.span.table])  # type: ignore[union-attr]
-        bad = np.zeros(g.size, dtype=bool)
-        np.logical_or.at(bad, units, nz)
-        ok &= ~bad
-    return ok

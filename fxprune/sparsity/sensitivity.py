@@ -38,7 +38,17 @@ from torch import nn
 
 from ..errors import ConfigError, FxpruneError, InputError
 from ..ir import ChannelGroup, Selection
-from ..passes.importance import ImportancePass, MagnitudeImportance, _lp, register_importance, slice_values
+from .. import meta
+from ..flops import count_cost
+from ..options import check_names
+from ..passes import GroupChannels
+from ..passes.importance import (ImportancePass, MagnitudeImportance, lp_norm, register_importance, resolve_importance,
+                                 slice_values)
+from ..passes.rewrite import rewrite_graph
+from ..passes.select import choose_units, floor_count, validate_ratio
+from ..pipeline import Context
+from ..prepare import prepare
+from ..progress import progress as progress_bar
 
 __all__ = [
     "sensitivity",
@@ -129,8 +139,6 @@ class SensitivityTable:
 
 
 def _check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
-    from ..passes.select import validate_ratio
-
     if isinstance(ratios, (int, float)):
         ratios = (ratios,)
     out = tuple(sorted({validate_ratio(r, "ratios[i]") for r in ratios}))
@@ -163,15 +171,6 @@ def sensitivity(
     names). ``importance``: as in :func:`fxprune.compile` (default L1, Li et al.). The baseline is the
     metric of the unpruned (traced) copy.
     """
-    from ..api import _check_ignore, _resolve_importance, prepare
-    from ..finetune import _progress
-    from ..flops import count_cost
-    from ..passes import GroupChannels
-    from ..passes.rewrite import rewrite_graph
-    from ..passes.select import choose_units, floor_count
-    from ..pipeline import Context
-    from .. import meta
-
     if not callable(evaluate):
         raise ConfigError("evaluate must be callable as evaluate(module) -> float")
     qs = _check_ratios(ratios)
@@ -179,8 +178,8 @@ def sensitivity(
         raise ConfigError(f"min_keep must be an integer >= 1, got {min_keep!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
-    ignore = _check_ignore(model, ignore)
-    imp = _resolve_importance(importance, None, "sum", seed)
+    ignore = check_names(model, ignore, "ignore")
+    imp = resolve_importance(importance, None, "sum", seed)
     t0 = time.perf_counter()
     gm, inputs = prepare(model, example_inputs, leaf_modules)
     ctx = Context(model=model, example_inputs=inputs, original=gm, seed=seed)
@@ -212,7 +211,7 @@ def sensitivity(
     base_mod = rewrite_graph(gm, analysis, Selection(), inputs)
     baseline = score(base_mod)
     rows: list[SensitivityRow] = []
-    with _progress(len(todo) * len(qs), "sensitivity", progress) as bar:
+    with progress_bar(len(todo) * len(qs), "sensitivity", progress) as bar:
         for g in todo:
             for q in qs:
                 kept = choose_units(g, scores[g.id], floor_count(q, g.size), min_keep)
@@ -317,7 +316,7 @@ class ProjectionShortcutImportance(ImportancePass):
         s = np.zeros(group.size)
         for ps in sc:
             units, vals = slice_values(tensor(ps.param), ps)
-            v = np.array([_lp(x, self.p) for x in vals]) if isinstance(vals, list) else _lp(vals, self.p, 1)
+            v = np.array([lp_norm(x, self.p) for x in vals]) if isinstance(vals, list) else lp_norm(vals, self.p, 1)
             np.add.at(s, units, v)
         return s
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -48,7 +48,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import meta
+from ..api import compile as fx_compile
 from ..errors import ConfigError, InputError
+from ..flops import count_cost
+from ..passes import BNScaleImportance, GroupChannels, Rewrite, Verify
+from ..passes.absorb import AbsorbConstants
+from ..passes.select import choose_units
+from ..prepare import prepare
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult, register_pass
 
@@ -181,8 +187,6 @@ class SlimmingSelect(Pass):
         return float(np.sort(scores)[k - 1])
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        from ..passes.select import choose_units
-
         analysis = meta.get(gm, "groups")
         scores = meta.get(gm, "importance")
         groups = [g for g in analysis.groups if g.prunable and g.id in scores]
@@ -241,10 +245,6 @@ def slimming_prune(model: nn.Module, example_inputs: Any, *, ratio: float | None
     The pipeline: ``group | importance(bn_scale, max over a unit's BNs) | slimming_select | rewrite |
     absorb | verify``. ``model`` is not modified. Raises :class:`InputError` for a model without BatchNorm.
     """
-    from ..api import compile as fx_compile
-    from ..passes import BNScaleImportance, GroupChannels, Rewrite, Verify
-    from ..passes.absorb import AbsorbConstants
-
     bn_modules(model)  # a clear error before tracing when there is no BN at all
     if verify is True:
         verify = "equivalence"
@@ -322,9 +322,6 @@ def slimming_schedule(model: nn.Module, example_inputs: Any, *,
     bn_modules(model)
     if init_gamma is not None:
         init_bn_gamma(model, init_gamma)
-    from ..flops import count_cost
-    from ..api import prepare
-
     gm0, _ = prepare(model, example_inputs)
     c0 = meta.get(gm0, "cost") or count_cost(gm0)
     history = SlimmingHistory(model, [], c0.params, c0.macs)

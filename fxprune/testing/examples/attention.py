@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Example, Sandwich, img
+from .layers import Example
 
 def ex_sdpa() -> Example:
     class M(nn.Module):

@@ -18,75 +18,17 @@ random numbers), same shapes of returned weights. It never takes torch's fused f
 from __future__ import annotations
 
 import math
-import operator
 import warnings
-from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxprune.errors import ConfigError
+from ..errors import ConfigError
+from .masks import IndexLike, canonical_mask, index_list, shape_check
 
 __all__ = ["PrunedMultiheadAttention"]
-
-IndexLike = Union[Sequence[int], Tensor, range, None]
-
-
-def _canonical_mask(
-    mask: Optional[Tensor],
-    mask_name: str,
-    other_type: Optional[torch.dtype],
-    other_name: str,
-    target_type: torch.dtype,
-    check_other: bool = True,
-) -> Optional[Tensor]:
-    """Turn a bool mask into an additive float mask (True -> -inf), like torch's ``F._canonical_mask``."""
-    if mask is None:
-        return None
-    is_float = torch.is_floating_point(mask)
-    if mask.dtype != torch.bool and not is_float:
-        raise AssertionError(f"only bool and floating types of {mask_name} are supported")
-    if check_other and other_type is not None and mask.dtype != other_type:
-        warnings.warn(
-            f"Support for mismatched {mask_name} and {other_name} is deprecated. Use same type for both instead.",
-            stacklevel=2,
-        )
-    if not is_float:
-        mask = torch.zeros_like(mask, dtype=target_type).masked_fill_(mask, float("-inf"))
-    return mask
-
-
-def _index_list(idx: IndexLike, n: int, what: str) -> Optional[list[int]]:
-    """Validate a keep-list against ``range(n)``. Accepts ints, a 1-D integer tensor or a 1-D bool mask."""
-    if idx is None:
-        return None
-    if isinstance(idx, Tensor):
-        if idx.dim() != 1:
-            raise ConfigError(f"{what}: expected a 1-D index tensor, got shape {tuple(idx.shape)}")
-        if idx.dtype == torch.bool:
-            if idx.numel() != n:
-                raise ConfigError(f"{what}: bool mask has length {idx.numel()}, expected {n}")
-            idx = idx.nonzero().flatten()
-        elif idx.is_floating_point() or idx.is_complex():
-            raise ConfigError(f"{what}: index tensor must be integer or bool, got {idx.dtype}")
-        out = [int(i) for i in idx.tolist()]
-    else:
-        out = []
-        for i in idx:
-            if isinstance(i, bool):
-                raise ConfigError(f"{what}: indices must be integers, got {i!r}")
-            try:
-                out.append(operator.index(i))
-            except TypeError:
-                raise ConfigError(f"{what}: indices must be integers, got {i!r}") from None
-    bad = [i for i in out if not 0 <= i < n]
-    if bad:
-        raise ConfigError(f"{what}: indices {bad} out of range(0, {n})")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"{what}: duplicate indices in {out}")
-    return out
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -247,14 +189,14 @@ class PrunedMultiheadAttention(nn.Module):
             raise AssertionError("PrunedMultiheadAttention does not support NestedTensor inputs")
         is_batched = query.dim() == 3
         # nn.MultiheadAttention.forward canonicalises both masks before multi_head_attention_forward.
-        key_padding_mask = _canonical_mask(
+        key_padding_mask = canonical_mask(
             key_padding_mask,
             "key_padding_mask",
             None if attn_mask is None else attn_mask.dtype,
             "attn_mask",
             query.dtype,
         )
-        attn_mask = _canonical_mask(attn_mask, "attn_mask", None, "", query.dtype, check_other=False)
+        attn_mask = canonical_mask(attn_mask, "attn_mask", None, "", query.dtype, check_other=False)
         if self.batch_first and is_batched:
             query, key, value = (x.transpose(1, 0) for x in (query, key, value))
         out, weights = self._attention(
@@ -263,51 +205,6 @@ class PrunedMultiheadAttention(nn.Module):
         if self.batch_first and is_batched:
             out = out.transpose(1, 0)
         return out, weights
-
-    def _shape_check(self, query, key, value, key_padding_mask, attn_mask) -> bool:
-        # torch's _mha_shape_check, with the pruned head count.
-        if query.dim() == 3:
-            if key.dim() != 3 or value.dim() != 3:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `key` and `value` to be 3-D"
-                    f" but found {key.dim()}-D and {value.dim()}-D tensors respectively"
-                )
-            if key_padding_mask is not None and key_padding_mask.dim() != 2:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D"
-                    f" but found {key_padding_mask.dim()}-D tensor instead"
-                )
-            if attn_mask is not None and attn_mask.dim() not in (2, 3):
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
-                    f" but found {attn_mask.dim()}-D tensor instead"
-                )
-            return True
-        if query.dim() == 2:
-            if key.dim() != 2 or value.dim() != 2:
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `key` and `value` to be 2-D"
-                    f" but found {key.dim()}-D and {value.dim()}-D tensors respectively"
-                )
-            if key_padding_mask is not None and key_padding_mask.dim() != 1:
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or 1-D"
-                    f" but found {key_padding_mask.dim()}-D tensor instead"
-                )
-            if attn_mask is not None:
-                if attn_mask.dim() not in (2, 3):
-                    raise AssertionError(
-                        "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
-                        f" but found {attn_mask.dim()}-D tensor instead"
-                    )
-                if attn_mask.dim() == 3:
-                    expected = (self.num_heads, query.shape[0], key.shape[0])
-                    if attn_mask.shape != expected:
-                        raise AssertionError(f"Expected `attn_mask` shape to be {expected} but got {attn_mask.shape}")
-            return False
-        raise AssertionError(
-            f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor"
-        )
 
     def _attention(
         self,
@@ -322,7 +219,7 @@ class PrunedMultiheadAttention(nn.Module):
     ) -> tuple[Tensor, Optional[Tensor]]:
         """``F.multi_head_attention_forward`` (sequence-first layout) for independent widths."""
         num_heads, head_dim, inner = self.num_heads, self.head_dim, self.inner_dim
-        is_batched = self._shape_check(query, key, value, key_padding_mask, attn_mask)
+        is_batched = shape_check(self.num_heads, query, key, value, key_padding_mask, attn_mask)
         if not is_batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -477,11 +374,11 @@ class PrunedMultiheadAttention(nn.Module):
         if not isinstance(mha, nn.MultiheadAttention):
             raise ConfigError(f"from_mha expects an nn.MultiheadAttention, got {type(mha).__name__}")
         E, H, d = mha.embed_dim, mha.num_heads, mha.head_dim
-        heads = _index_list(keep_heads, H, "keep_heads")
-        qi = _index_list(keep_query, E, "keep_query")
-        ki = _index_list(keep_key, mha.kdim, "keep_key")
-        vi = _index_list(keep_value, mha.vdim, "keep_value")
-        oi = _index_list(keep_out, E, "keep_out")
+        heads = index_list(keep_heads, H, "keep_heads")
+        qi = index_list(keep_query, E, "keep_query")
+        ki = index_list(keep_key, mha.kdim, "keep_key")
+        vi = index_list(keep_value, mha.vdim, "keep_value")
+        oi = index_list(keep_out, E, "keep_out")
         if heads is not None and not heads:
             raise ConfigError("from_mha: keep_heads is empty; a layer with no heads is not representable")
 
@@ -549,74 +446,3 @@ class PrunedMultiheadAttention(nn.Module):
                 copy(new.out_proj.bias, take(mha.out_proj.bias, 0, ot), mha.out_proj.bias)
         new.train(mha.training)
         return new
-
-
-# ---------------------------------------------------------------------------------------------------------
-# traceable stand-ins for torch's transformer containers (fxprune.trace.TRACE_THROUGH)
-#
-# torch.fx keeps every torch.nn module whole, and the forwards of nn.TransformerEncoderLayer,
-# nn.TransformerEncoder and nn.Transformer cannot be traced through: they test tensor properties
-# (``src.dim()``, ``src.is_nested``) to pick a fused fast path or to detect a causal mask. The stand-ins
-# below are their slow (reference) paths in eval mode, so the symbolic trace reaches the attention
-# (a rule leaf), the feed-forward Linear layers and the norms. Masks are passed to the attention
-# uncanonicalised (it canonicalises them itself, with the same result); an ``is_causal`` of None (torch
-# would test the mask's values) becomes False, so the mask itself is applied, which is the same function.
-# Not reproduced: the nested-tensor fast path that eager eval-mode encoders take under ``no_grad`` with a
-# key padding mask (it returns zeros at padded positions where the slow path returns values).
-
-
-def _encoder_layer_forward(m: nn.TransformerEncoderLayer, src: Tensor, src_mask: Optional[Tensor] = None,
-                           src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-    x = src
-    if m.norm_first:
-        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-        return x + m._ff_block(m.norm2(x))
-    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-    return m.norm2(x + m._ff_block(x))
-
-
-def _encoder_forward(m: nn.TransformerEncoder, src: Tensor, mask: Optional[Tensor] = None,
-                     src_key_padding_mask: Optional[Tensor] = None, is_causal: Optional[bool] = None) -> Tensor:
-    out = src
-    for layer in m.layers:
-        out = layer(out, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
-    return m.norm(out) if m.norm is not None else out
-
-
-def _decoder_forward(m: nn.TransformerDecoder, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
-                     memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
-                     memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: Optional[bool] = None,
-                     memory_is_causal: bool = False) -> Tensor:
-    out = tgt
-    for layer in m.layers:
-        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                    tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
-                    tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
-    return m.norm(out) if m.norm is not None else out
-
-
-def _transformer_forward(m: nn.Transformer, src: Tensor, tgt: Tensor, src_mask: Optional[Tensor] = None,
-                         tgt_mask: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
-                         src_key_padding_mask: Optional[Tensor] = None,
-                         tgt_key_padding_mask: Optional[Tensor] = None,
-                         memory_key_padding_mask: Optional[Tensor] = None, src_is_causal: Optional[bool] = None,
-                         tgt_is_causal: Optional[bool] = None, memory_is_causal: bool = False) -> Tensor:
-    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
-    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                     tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
-                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
-
-
-def _register_trace_through() -> None:
-    from .trace import TRACE_THROUGH
-
-    TRACE_THROUGH.update({
-        nn.TransformerEncoderLayer: _encoder_layer_forward,
-        nn.TransformerEncoder: _encoder_forward,
-        nn.TransformerDecoderLayer: None,  # its forward is traceable as it is
-        nn.TransformerDecoder: _decoder_forward,
-        nn.Transformer: _transformer_forward,
-    })
-
-
-_register_trace_through()
