@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fxprune  # noqa: E402
-from fxprune.calib import reconstruction_error  # noqa: E402
+from fxprune.passes.calib import reconstruction_error  # noqa: E402
 from fxprune.passes import MagnitudeImportance, ThiNetImportance  # noqa: E402
 from fxprune.passes.reconstruct import consumers_of, out_index_of  # noqa: E402
 

@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fxprune  # noqa: E402
-from fxprune.calib import collect, make_site  # noqa: E402
+from fxprune.passes.calib import collect, make_site  # noqa: E402
 from fxprune.passes.thinet import thinet_greedy  # noqa: E402
 from fxprune.pipeline import Context  # noqa: E402
 

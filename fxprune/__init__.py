@@ -38,7 +38,7 @@ from .passes import (
 from .passes.gradient import HessianImportance, TaylorImportance
 from .passes.absorb import AbsorbConstants
 from .passes import ActivationImportance, LassoImportance, Reconstruct, SequentialPrune, ThiNetImportance
-from . import calib  # calibration engine for data-driven passes (compile(..., calib=...))
+from .passes import calib  # calibration engine for data-driven passes (compile(..., calib=...))
 from .pipeline import Context, Pass, PassResult, Pipeline, graph_pass, register_pass
 from .rules import RULES, Rule, RuleContext, RuleTable
 from . import sparsity  # registers importance="dead" and "l1_projection"

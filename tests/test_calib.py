@@ -16,7 +16,7 @@ from torch import nn
 
 import fxprune
 from fxprune import meta
-from fxprune.calib import collect, group_gram, make_site, plan_groups
+from fxprune.passes.calib import collect, group_gram, make_site, plan_groups
 from fxprune.pipeline import Context
 
 

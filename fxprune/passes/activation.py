@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..calib import DataDrivenImportance, activations, all_reduce_, calibration_batches, finite, run_graph
+from .calib import DataDrivenImportance, activations, all_reduce_, calibration_batches, finite, run_graph
 from ..errors import ConfigError
 from ..ir import ChannelGroup, ChannelRef, member_units
 from ..pipeline import Context

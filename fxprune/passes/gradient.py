@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import meta
-from ..calib import activations
+from .calib import activations
 from ..errors import ConfigError, InputError
 from ..ir import ChannelGroup, ChannelRef, member_units
 from ..pipeline import Context, PassResult
@@ -229,6 +229,7 @@ class _GradientImportance(ImportancePass):
     """Shared machinery: calibration batches, the private copy, the loss, storing scores."""
 
     name: ClassVar[str] = "gradient"
+    needs_calib: ClassVar[bool] = True
     loss_fn: Any = None
     labels: bool | None = None
     batches: int | None = None

@@ -25,7 +25,7 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 import torch.fx as fx
 
-from ..calib import DataDrivenImportance, collect, group_gram, order_scores, plan_groups
+from .calib import DataDrivenImportance, collect, group_gram, order_scores, plan_groups
 from ..errors import ConfigError
 from ..ir import ChannelGroup
 from ..pipeline import Context

@@ -37,8 +37,8 @@ import torch
 import torch.fx as fx
 
 from .. import meta
-from ..calib import consumers, collect
-from ..calib_stats import Site, SiteStats, build_site, dense_weight, write_dense_weight
+from .calib import consumers, collect
+from .calib_stats import Site, SiteStats, build_site, dense_weight, write_dense_weight
 from ..errors import ConfigError, InputError, PipelineError
 from ..ir import Selection, member_units
 from ..pipeline import Context, Pass, PassResult

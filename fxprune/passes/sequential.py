@@ -25,14 +25,14 @@ import torch
 import torch.fx as fx
 
 from .. import meta
-from ..calib import DataDrivenImportance
+from .calib import DataDrivenImportance
 from ..errors import ConfigError
 from ..ir import ChannelGroup, Selection
 from ..pipeline import Context, Pass, PassResult
 from ..rules.base import lookup_tensor
 from .group import Analysis, analyze_graph
 from .importance import ImportancePass
-from ..calib import consumers
+from .calib import consumers
 from ..flops import count_cost
 from .reconstruct import METHODS, by_layer, consumers_of, input_count, reconstruct_sites, unit_atoms
 from .rewrite import Provenance, rewrite_graph
@@ -150,8 +150,7 @@ class SequentialPrune(Pass):
             cur = rewrite_graph(gm, orig, Selection(), ctx.example_inputs)
         selection = Selection.from_dict(final)
         meta.put(cur, "pruned_from", Provenance(gm, orig, selection))
-        if errors:
-            meta.put(cur, "reconstruction", by_layer(errors))
+        meta.put(cur, "reconstruction", by_layer(errors))  # empty when no step refitted
         cost = count_cost(cur)
         meta.put(cur, "cost", cost)
         removed = sum(orig.groups[gid].size - len(k) for gid, k in final.items())

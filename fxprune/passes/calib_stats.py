@@ -27,9 +27,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .errors import ConfigError, InputError
-from .rules.base import lookup_tensor
-from .rules.calls import Consumer
+from ..errors import ConfigError, InputError
+from ..rules.base import lookup_tensor
+from ..rules.calls import Consumer
 
 __all__ = ["Site", "SiteStats", "build_site", "dense_weight", "write_dense_weight", "all_reduce_", "distributed",
            "MOMENT_MAX_D"]

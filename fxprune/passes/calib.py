@@ -32,14 +32,14 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from . import meta
+from .. import meta
 from .calib_stats import Site, SiteStats, all_reduce_, build_site, distributed
-from .errors import ConfigError, FxpruneError, InputError, node_location
-from .ir import ChannelGroup, ParamSlice, member_units
-from .pipeline import Context, PassResult
-from .passes.importance import ImportancePass, store_scores
-from .rules import RULES, RuleTable
-from .rules.calls import Consumer
+from ..errors import ConfigError, FxpruneError, InputError, node_location
+from ..ir import ChannelGroup, ParamSlice, member_units
+from ..pipeline import Context, PassResult
+from .importance import ImportancePass, store_scores
+from ..rules import RULES, RuleTable
+from ..rules.calls import Consumer
 
 __all__ = [
     "calibration_batches",
