@@ -413,6 +413,26 @@ class DataDrivenImportance(ImportancePass):
                 out_index: Callable[[str], np.ndarray | None] | None = None) -> dict[int, np.ndarray | None]:
         raise NotImplementedError
 
+    def group_grams(self, gm: fx.GraphModule, ctx: Context, groups: Sequence[ChannelGroup],
+                    target: fx.GraphModule | None, out_index: Callable[[str], np.ndarray | None] | None,
+                    mode: str = "auto", samples_per_image: int = 10, max_positions: int | None = None,
+                    seed: int = 0, progress: bool | None = None
+                    ) -> Iterator[tuple[ChannelGroup, tuple[np.ndarray, np.ndarray, float, float] | None]]:
+        """One calibration pass, then per group ``(G, c, yy, n)`` summed over its consumers (``n`` rows per
+        site), or None for a group no modelled consumer reads; groups also read by consumers the objective
+        does not model get a note."""
+        plan = plan_groups(gm, groups, target, out_index)
+        for gid, params in plan.unsupported.items():
+            ctx.notes.append(f"{self.name}: group {gid} is also read by {', '.join(sorted(set(params)))}, which the "
+                             "objective does not model")
+        stats = collect(ctx, gm, plan.sites, target, mode, samples_per_image, max_positions, seed, progress,
+                        desc=self.name)
+        n = max(float(next(iter(stats.values())).n), 1.0) if stats else 1.0
+        grams: dict = {}
+        for g in groups:
+            gg = group_gram(g.id, g.size, plan, stats, grams)
+            yield g, (None if gg is None else (*gg, n))
+
     def scores(self, group, tensor, ctx):  # pragma: no cover - data-driven criteria score in compute()
         raise NotImplementedError(f"{self.name} scores groups from calibration data (compute), not one by one")
 

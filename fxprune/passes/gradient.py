@@ -60,7 +60,7 @@ from ..errors import ConfigError, InputError
 from ..ir import ChannelGroup, ChannelRef, member_units
 from ..pipeline import Context, PassResult
 from ..rules.base import lookup_tensor
-from .importance import ImportancePass, normalize_scores, register_importance, slice_values, store_scores
+from .importance import ImportancePass, normalize_scores, reduce_slices, register_importance, slice_values, store_scores
 
 __all__ = ["TaylorImportance", "HessianImportance", "calib_batches", "LOSSES"]
 
@@ -210,20 +210,6 @@ def _unit_rows(span: Any, values: torch.Tensor) -> torch.Tensor:
         return torch.stack([values[..., list(r)].sum(-1) for r in span.table], -1)
 
 
-def _reduce(per: list[np.ndarray], how: str) -> np.ndarray | None:
-    if not per:
-        return None
-    m = np.vstack(per)
-    if how == "sum":
-        s = np.nansum(m, axis=0)
-    elif how == "mean":
-        with np.errstate(all="ignore"):
-            s = np.nanmean(m, axis=0)
-    else:
-        s = np.nanmax(m, axis=0)
-    return np.nan_to_num(s, nan=0.0)
-
-
 @dataclass(frozen=True)
 class _GradientImportance(ImportancePass):
     """Shared machinery: calibration batches, the private copy, the loss, storing scores."""
@@ -325,7 +311,7 @@ class _GradientImportance(ImportancePass):
                 full = np.full(g.size, np.nan)
                 full[units] = v
                 per.append(full)
-            out[g.id] = _reduce(per, self.reduction)
+            out[g.id] = reduce_slices(per, self.reduction)
         return out
 
     def _compute(self, gm: fx.GraphModule, groups: list[ChannelGroup], ctx: Context) -> tuple[dict[int, np.ndarray | None], dict[str, Any]]:
@@ -430,7 +416,7 @@ class TaylorImportance(_GradientImportance):
                     full = np.full(g.size, np.nan)
                     full[member_units(ref)] = acc[(g.id, i)]
                     per.append(full)
-            out_scores[g.id] = _reduce(per, self.reduction)
+            out_scores[g.id] = reduce_slices(per, self.reduction)
         return out_scores, {"batches": nb, "samples": ns}
 
     def _ref_scores(self, prod: torch.Tensor, ref: ChannelRef) -> np.ndarray:

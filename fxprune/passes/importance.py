@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -31,6 +32,7 @@ __all__ = [
     "RandomImportance",
     "slice_values",
     "lp_norm",
+    "reduce_slices",
     "normalize_scores",
     "store_scores",
     "IMPORTANCE",
@@ -65,6 +67,18 @@ def lp_norm(x: torch.Tensor, p: int, dim: int | None = None):
     if dim is None:
         return float(torch.linalg.vector_norm(x.float(), ord=p)) ** p
     return torch.linalg.vector_norm(x.float(), ord=p, dim=dim).double().numpy() ** p
+
+
+def reduce_slices(per: list[np.ndarray], how: str) -> np.ndarray | None:
+    """One score per unit from per-slice scores (rows; NaN where a slice does not cover the unit), reduced by
+    ``how`` (``"sum"``, ``"mean"`` or ``"max"``); None when there is no slice."""
+    if not per:
+        return None
+    m = np.vstack(per)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a unit no slice covers: NaN, then 0
+        s = {"sum": np.nansum, "mean": np.nanmean, "max": np.nanmax}[how](m, axis=0)
+    return np.nan_to_num(s, nan=0.0)
 
 
 def normalize_scores(s: np.ndarray, how: str | None) -> np.ndarray:
@@ -165,14 +179,7 @@ class MagnitudeImportance(ImportancePass):
             per.append(full)
         if not per:
             return None
-        m = np.vstack(per)
-        if self.reduction == "sum":
-            s = np.nansum(m, axis=0)
-        elif self.reduction == "mean":
-            s = np.nanmean(np.where(np.isnan(m), np.nan, m), axis=0)
-        else:
-            s = np.nanmax(m, axis=0)
-        return np.nan_to_num(s, nan=0.0)
+        return reduce_slices(per, self.reduction)
 
 
 @dataclass(frozen=True)

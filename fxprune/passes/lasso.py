@@ -25,7 +25,7 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 import torch.fx as fx
 
-from .calib import DataDrivenImportance, collect, group_gram, order_scores, plan_groups
+from .calib import DataDrivenImportance, order_scores
 from ..errors import ConfigError
 from ..ir import ChannelGroup
 from ..pipeline import Context
@@ -206,19 +206,14 @@ class LassoImportance(DataDrivenImportance):
     def compute(self, gm: fx.GraphModule, ctx: Context, groups: Sequence[ChannelGroup],
                 target: fx.GraphModule | None = None,
                 out_index: Callable[[str], np.ndarray | None] | None = None) -> dict[int, np.ndarray | None]:
-        plan = plan_groups(gm, groups, target, out_index)
-        stats = collect(ctx, gm, plan.sites, target, "auto", max_positions=self.max_positions, seed=self.seed,
-                        progress=self.progress, desc=self.name)
         out: dict[int, np.ndarray | None] = {}
-        grams: dict = {}
         path_used = False
-        for g in groups:
-            gg = group_gram(g.id, g.size, plan, stats, grams)
+        for g, gg in self.group_grams(gm, ctx, groups, target, out_index, max_positions=self.max_positions,
+                                      seed=self.seed, progress=self.progress):
             if gg is None:
                 out[g.id] = None
                 continue
-            G, c, _ = gg
-            n = max(float(next(iter(stats.values())).n), 1.0)
+            G, c, _, n = gg
             G, c = G / n, c / n
             k = target_keep(g, ctx, self.ratio)
             if k is None:

@@ -25,7 +25,7 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 import torch.fx as fx
 
-from .calib import DataDrivenImportance, collect, group_gram, order_scores, plan_groups
+from .calib import DataDrivenImportance, order_scores
 from ..errors import ConfigError
 from ..ir import ChannelGroup
 from ..pipeline import Context
@@ -157,20 +157,14 @@ class ThiNetImportance(DataDrivenImportance):
     def compute(self, gm: fx.GraphModule, ctx: Context, groups: Sequence[ChannelGroup],
                 target: fx.GraphModule | None = None,
                 out_index: Callable[[str], np.ndarray | None] | None = None) -> dict[int, np.ndarray | None]:
-        plan = plan_groups(gm, groups, target, out_index)
-        for gid, params in plan.unsupported.items():
-            ctx.notes.append(f"{self.name}: group {gid} is also read by {', '.join(sorted(set(params)))}, which the "
-                             "objective does not model")
-        stats = collect(ctx, gm, plan.sites, target, "sample" if self.sampling == "random" else "auto",
-                        self.samples_per_image, self.max_positions, self.seed, self.progress, desc=self.name)
+        mode = "sample" if self.sampling == "random" else "auto"
         out: dict[int, np.ndarray | None] = {}
-        grams: dict = {}
-        for g in groups:
-            gg = group_gram(g.id, g.size, plan, stats, grams)
+        for g, gg in self.group_grams(gm, ctx, groups, target, out_index, mode, self.samples_per_image,
+                                      self.max_positions, self.seed, self.progress):
             if gg is None:
                 out[g.id] = None
                 continue
-            G, c, _ = gg
+            G, c, _, _ = gg
             if self.method == "greedy":
                 order = thinet_greedy(G, exclude=g.pinned)
                 out[g.id] = order_scores(order + [u for u in g.pinned], g.size, ascending=True)

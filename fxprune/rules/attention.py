@@ -34,7 +34,7 @@ from ..meta import shape_of
 from ..modules import PrunedMultiheadAttention
 from .base import RULES, Rule, RuleContext, shrink_tensors
 from .calls import Bound, Family, aten_overloads, call_arg, schema_args
-from .matmul import tie_batch
+from .matmul import product_dim_origins, tie_batch
 
 __all__ = ["AttentionCall", "AttentionFamily", "MultiheadAttentionRule", "RepeatInterleaveRule",
            "tie_repeat_interleave", "mha_macs"]
@@ -107,14 +107,7 @@ class AttentionFamily(Family):
         return batch * q[-2] * k[-2] * q[-1] + batch * q[-2] * k[-2] * v[-1]
 
     def dim_origins(self, call, node, dim):
-        os_, qs = shape_of(node), shape_of(call.query)
-        if os_ is None or qs is None:
-            return []
-        dim %= len(os_)
-        if dim == len(os_) - 1:
-            return [(call.value, len(shape_of(call.value)) - 1)]
-        k = dim - (len(os_) - len(qs))
-        return [(call.query, k)] if k >= 0 and qs[k] == os_[dim] else []
+        return product_dim_origins(node, call.query, call.value, dim)
 
 
 def bind_sdpa(node: fx.Node, gm: fx.GraphModule) -> AttentionCall | None:

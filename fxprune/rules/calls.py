@@ -24,8 +24,8 @@ from torch import nn
 from ..meta import shape_of
 from .base import RULES, RewriteContext, Rule, RuleContext, RuleTable, is_state, lookup_tensor
 
-__all__ = ["Bound", "Family", "Consumer", "ParamOrigin", "aten_overloads", "aten_name", "schema_args",
-           "set_schema_arg", "call_arg", "param_origin", "label_param", "weight_axis", "weight_owner", "user_type",
+__all__ = ["Bound", "Family", "Consumer", "ParamOrigin", "aten_overloads", "aten_name", "aten_self", "schema_args",
+           "set_schema_arg", "call_arg", "param_origin", "label_param", "weight_axis", "weight_owner", "user_type", "layer_name",
            "register_aten"]
 
 A = torch.ops.aten
@@ -75,18 +75,21 @@ def schema_args(node: fx.Node) -> dict[str, Any]:
     return out
 
 
+def aten_self(node: fx.Node) -> tuple[dict[str, Any], fx.Node, tuple[int, ...]] | None:
+    """``(arguments by name, self, its shape)`` of an ATen call on a tensor ``self``; None when ``self`` has
+    no shape (a binder then binds nothing)."""
+    a = schema_args(node)
+    x = a.get("self")
+    xs = shape_of(x)
+    return None if xs is None else (a, x, xs)
+
+
 def set_schema_arg(node: fx.Node, name: str, value: Any) -> None:
     """Set argument ``name`` of an ATen call (a node of the new graph), positionally if it was positional."""
     for i, arg in enumerate(node.target._schema.arguments):
-        if arg.name != name:
-            continue
-        if i < len(node.args):
-            args = list(node.args)
-            args[i] = value
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, name: value}
-        return
+        if arg.name == name:
+            set_call_arg(node, i, name, value)
+            return
     raise KeyError(name)
 
 
@@ -204,6 +207,14 @@ def weight_owner(gm: fx.GraphModule, w: Any) -> str | None:
         return w.rpartition(".")[0]
     o = param_origin(gm, w)
     return o.param.rpartition(".")[0] if o is not None else None
+
+
+def layer_name(node: fx.Node, gm: fx.GraphModule, default: str) -> str:
+    """What a report calls a layer: the module's class (module spelling), else the user class torch.export
+    recorded it in, else ``default``."""
+    if node.op == "call_module":
+        return type(module_of(node, gm)).__name__
+    return user_type(node) or default
 
 
 def user_type(node: fx.Node) -> str | None:

@@ -40,7 +40,7 @@ from ..ir import Constraint
 from ..meta import shape_of
 from .base import RULES, RewriteContext, RuleContext, shrink_tensors
 from .calls import (Bound, Consumer, Family, aten_overloads, call_arg, module_of, param_origin,
-                    schema_args, set_call_arg, set_schema_arg, tensor_shape, user_type, weight_axis, weight_owner)
+                    schema_args, set_call_arg, set_schema_arg, tensor_shape, layer_name, weight_axis, weight_owner)
 
 __all__ = ["ConvCall", "ConvFamily", "CONV"]
 
@@ -225,11 +225,9 @@ class ConvFamily(Family):
         return 1 if len(xs) == len(w) else 0
 
     def layer_kind(self, call, node, gm) -> str | None:
-        if node.op == "call_module":
-            return type(module_of(node, gm)).__name__
         w = tensor_shape(gm, call.weight)
         n = len(w) - 2 if w is not None else 2
-        return user_type(node) or (f"ConvTranspose{n}d" if call.transposed else f"Conv{n}d")
+        return layer_name(node, gm, f"ConvTranspose{n}d" if call.transposed else f"Conv{n}d")
 
 
 CONV = ConvFamily()

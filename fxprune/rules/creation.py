@@ -287,16 +287,12 @@ except ImportError:  # pragma: no cover
 # not modelled
 
 
-class AtenCreation(Rule):
+class AtenCreation(NoOp):
     """ATen zeros / ones / full / arange / new_zeros ...: a new tensor; tensor arguments are read for dtype and
-    device only, and the output (with its literal sizes) is pinned, so no literal ever needs patching."""
+    device only (as :class:`NoOp` reads them), and the output (with its literal sizes) is pinned by
+    :meth:`~fxprune.rules.base.RuleContext.finish`, so no literal ever needs patching."""
 
     name = "aten.creation"
-
-    def analyze(self, node, rc: RuleContext) -> None:
-        for x in rc.tensor_args():
-            for ax in rc.all_dims(x):
-                rc.free(ax)
 
 
 class Pinned(Rule):

@@ -18,8 +18,7 @@ from torch import nn
 
 from ..meta import shape_of
 from .base import RULES, RuleContext, shrink_tensors
-from .calls import (Bound, Family, aten_overloads, call_arg, module_of, schema_args, user_type, weight_axis,
-                    weight_owner)
+from .calls import Bound, Family, aten_overloads, call_arg, layer_name, schema_args, weight_axis, weight_owner
 
 __all__ = ["EmbeddingCall", "EmbeddingFamily", "EMBEDDING"]
 
@@ -57,9 +56,7 @@ class EmbeddingFamily(Family):
         return None if os_ is None else len(os_) - 1
 
     def layer_kind(self, call, node, gm) -> str | None:
-        if node.op == "call_module":
-            return type(module_of(node, gm)).__name__
-        return user_type(node) or "Embedding"
+        return layer_name(node, gm, "Embedding")
 
 
 EMBEDDING = EmbeddingFamily()

@@ -24,12 +24,12 @@ import torch.fx as fx
 
 from ..meta import is_multi, shape_of
 from .base import RULES, Rule, RewriteContext, RuleContext
-from .calls import Bound, Family, aten_name, aten_overloads, call_arg, schema_args, set_schema_arg
+from .calls import Bound, Family, aten_name, aten_overloads, aten_self, call_arg, schema_args, set_schema_arg
 
 A = torch.ops.aten
 
-__all__ = ["SplitCall", "SplitFamily", "SliceCall", "SliceFamily", "tie_split", "GetItemRule", "ShapeQueryRule",
-           "IndexPutRule"]
+__all__ = ["SplitCall", "SplitFamily", "SliceCall", "SliceFamily", "tie_split", "tie_range", "GetItemRule",
+           "ShapeQueryRule", "IndexPutRule"]
 
 
 def tie_split(rc: RuleContext, x: fx.Node, dim: int, sizes: list[int], unbind: bool) -> None:
@@ -112,6 +112,17 @@ RULES.register_function(aten_overloads("split", "split_with_sizes", "tensor_spli
                         Bound(SPLIT, bind_split_aten, "aten.split"))
 
 
+def tie_range(rc: RuleContext, node: fx.Node, a: Any, o: Any, start: int, step: int) -> None:
+    """Output axis ``o`` is ``a[start::step]``: a contiguous slice ties to a range of ``a``; a strided one
+    ties position by position and pins ``a`` (its positions no longer form whole channels)."""
+    if step == 1:
+        rc.tie_slice(a, start, o)
+        return
+    pos = np.arange(o.size)
+    rc.tie_map(a, start + pos * step, o, pos)
+    rc.pin(a, f"strided slice at {node.name}")
+
+
 @dataclass(frozen=True)
 class SliceCall:
     """``x`` sliced along ``dim`` (``start``, ``stop``, ``step`` resolved; None: bounds computed at run time);
@@ -144,14 +155,7 @@ class SliceFamily(Family):
             j += 1
         if call.select or call.bounds is None:
             return  # the sliced dim stays pinned (symbolic bounds)
-        start, stop, step = call.bounds
-        a, o = rc.act(x, dim), rc.out(dim)
-        if step == 1:
-            rc.tie_slice(a, start, o)
-        else:
-            pos = np.arange(o.size)
-            rc.tie_map(a, start + pos * step, o, pos)
-            rc.pin(a, f"strided slice at {node.name}")
+        tie_range(rc, node, rc.act(x, dim), rc.out(dim), call.bounds[0], call.bounds[2])
 
     def rewrite_node(self, call: SliceCall, node, old, rw: RewriteContext) -> None:
         k = rw.keep_act(call.input, call.dim)
@@ -205,11 +209,10 @@ def bind_narrow(node: fx.Node, gm: fx.GraphModule) -> SliceCall | None:
 
 
 def bind_slice_aten(node: fx.Node, gm: fx.GraphModule) -> SliceCall | None:
-    a = schema_args(node)
-    x = a["self"]
-    xs = shape_of(x)
-    if xs is None:
+    bound = aten_self(node)
+    if bound is None:
         return None
+    a, x, xs = bound
     dim = int(a.get("dim") or 0) % len(xs)
     name = aten_name(node)
     if name in ("select", "select_copy"):
@@ -300,14 +303,8 @@ class GetItemRule(Rule):
                 rc.pin(a, f"indexed by a constant at {node.name}", idx=np.array([e % shp[i]]))
                 i += 1
                 continue
-            start, stop, step = e.indices(shp[i])
-            o = rc.out(j)
-            if step == 1:
-                rc.tie_slice(a, start, o)
-            else:
-                pos = np.arange(o.size)
-                rc.tie_map(a, start + pos * step, o, pos)
-                rc.pin(a, f"strided slice at {node.name}")
+            start, _, step = e.indices(shp[i])
+            tie_range(rc, node, a, rc.out(j), start, step)
             i += 1
             j += 1
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..meta import shape_of
 from .base import RULES, RuleContext, shrink_tensors
 from .calls import (Bound, Consumer, Family, aten_overloads, call_arg, module_of, param_origin, schema_args,
-                    tensor_shape, user_type, weight_axis, weight_owner)
+                    tensor_shape, layer_name, weight_axis, weight_owner)
 
 __all__ = ["LinearCall", "LinearFamily", "LINEAR"]
 
@@ -116,9 +116,7 @@ class LinearFamily(Family):
         return [(call.input, dim % len(os_))]
 
     def layer_kind(self, call, node, gm) -> str | None:
-        if node.op == "call_module":
-            return type(module_of(node, gm)).__name__
-        return user_type(node) or "Linear"
+        return layer_name(node, gm, "Linear")
 
 
 LINEAR = LinearFamily()

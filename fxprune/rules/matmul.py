@@ -27,7 +27,7 @@ from .base import RULES, RuleContext
 from .calls import Bound, Family, aten_overloads, aten_name, call_arg, param_origin, schema_args
 from .linear import LINEAR, LinearCall
 
-__all__ = ["ProductCall", "ProductFamily", "PRODUCT", "EinsumFamily", "tie_batch"]
+__all__ = ["ProductCall", "ProductFamily", "PRODUCT", "EinsumFamily", "tie_batch", "product_dim_origins"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,19 @@ class ProductCall:
     b: Any
     add: Any  # the broadcast addend of addmm/baddbmm (None: none)
     kind: str  # "matmul" | "vector" | "addbmm"
+
+
+def product_dim_origins(node: fx.Node, a: Any, b: Any, dim: int) -> list[tuple[fx.Node, int]]:
+    """Where output ``dim`` of a product ``a @ b`` (or attention ``softmax(q kᵀ) v``, ``b`` = v) comes from:
+    the last dim from ``b``'s last dim, the others from ``a``'s (aligned from the right)."""
+    os_, as_, bs = shape_of(node), shape_of(a), shape_of(b)
+    if os_ is None or as_ is None or bs is None:
+        return []
+    dim %= len(os_)
+    if dim == len(os_) - 1:
+        return [(b, len(bs) - 1)]
+    k = dim - (len(os_) - len(as_))
+    return [(a, k)] if k >= 0 and as_[k] == os_[dim] else []
 
 
 def tie_batch(rc: RuleContext, pairs: list[tuple[fx.Node, int]], out_batch: int) -> None:
@@ -94,14 +107,7 @@ class ProductFamily(Family):
     def dim_origins(self, call, node, dim):
         if isinstance(call, LinearCall):
             return LINEAR.dim_origins(call, node, dim)
-        os_, as_ = shape_of(node), shape_of(call.a)
-        if call.kind != "matmul" or os_ is None or as_ is None or shape_of(call.b) is None:
-            return []
-        dim %= len(os_)
-        if dim == len(os_) - 1:
-            return [(call.b, len(shape_of(call.b)) - 1)]
-        k = dim - (len(os_) - len(as_))
-        return [(call.a, k)] if k >= 0 and as_[k] == os_[dim] else []
+        return product_dim_origins(node, call.a, call.b, dim) if call.kind == "matmul" else []
 
 
 PRODUCT = ProductFamily()

@@ -35,7 +35,7 @@ from ..ir import Constraint
 from ..meta import shape_of
 from .base import RULES, RuleContext, shrink_tensors
 from .calls import (Bound, Family, aten_name, aten_overloads, call_arg, module_of, schema_args, set_call_arg,
-                    set_schema_arg, user_type, weight_axis)
+                    set_schema_arg, layer_name, weight_axis)
 
 __all__ = ["NormCall", "NormFamily", "NORM", "tie_group_norm", "new_num_groups"]
 
@@ -198,9 +198,8 @@ class NormFamily(Family):
         return [(call.input, dim % len(xs))] if xs is not None and xs == os_ else []
 
     def layer_kind(self, call, node, gm) -> str | None:
-        if node.op == "call_module":
-            return type(module_of(node, gm)).__name__
-        return user_type(node) or {"channel": "BatchNorm", "group": "GroupNorm", "last": "LayerNorm"}.get(call.kind)
+        default = {"channel": "BatchNorm", "group": "GroupNorm", "last": "LayerNorm"}.get(call.kind, "norm")
+        return layer_name(node, gm, default)
 
 
 NORM = NormFamily()

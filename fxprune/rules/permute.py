@@ -20,7 +20,7 @@ from torch import nn
 
 from ..meta import is_multi, shape_of
 from .base import RULES, Rule, RuleContext
-from .calls import Bound, Family, aten_name, aten_overloads, schema_args
+from .calls import Bound, Family, aten_name, aten_overloads, aten_self
 
 __all__ = ["PermuteCall", "PermuteFamily", "WithinCall", "WithinFamily", "CatRule", "StackRule"]
 
@@ -84,11 +84,10 @@ def bind_torch(node: fx.Node, gm: fx.GraphModule) -> PermuteCall | None:
 
 
 def bind_aten(node: fx.Node, gm: fx.GraphModule) -> PermuteCall | None:
-    a = schema_args(node)
-    x = a["self"]
-    xs = shape_of(x)
-    if xs is None:
+    bound = aten_self(node)
+    if bound is None:
         return None
+    a, x, xs = bound
     nd, name = len(xs), aten_name(node)
     if name in ("permute", "permute_copy"):
         return PermuteCall(x, tuple(d % nd for d in a["dims"]))
@@ -163,11 +162,10 @@ def bind_within_torch(node: fx.Node, gm: fx.GraphModule) -> WithinCall | None:
 
 
 def bind_within_aten(node: fx.Node, gm: fx.GraphModule) -> WithinCall | None:
-    a = schema_args(node)
-    x = a["self"]
-    xs = shape_of(x)
-    if xs is None:
+    bound = aten_self(node)
+    if bound is None:
         return None
+    a, x, xs = bound
     name = aten_name(node)
     if name in ("channel_shuffle", "native_channel_shuffle", "fliplr"):
         return WithinCall(x, (1,))
