@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import meta
-from .errors import FxpruneError, InputError, TraceError, UnsupportedOpError
+from .errors import FxpruneError, InputError, TraceError, UnsupportedOpError, VerificationError
 from .flops import count_cost
 from .hierarchical import compile_hierarchical
 from .ir import Selection
@@ -35,6 +35,7 @@ from .passes.group import analyze_graph
 from .passes.rewrite import provenance, rewrite_graph
 from .pipeline import Context
 from .prepare import prepare, prepare_with_note
+from .restore import rebuild, verify_rebuilt
 from .result import CompileResult, Report, build_report
 from .rules import RULES, Rule, RuleTable
 from .structured import flat_view, structured
@@ -169,7 +170,47 @@ def compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions | 
         if key not in ("shapes", "cost"):
             meta.drop(out, key)
     report = build_report(gm, out, before, after, analysis, selection, ctx, time.perf_counter() - t0, rules)
-    return CompileResult(out, report, gm, analysis, selection, pipe, ctx, facts=facts)
+    res = CompileResult(out, report, gm, analysis, selection, pipe, ctx, facts=facts)
+    return _keep_class(model, res, inputs, options)
+
+
+def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], options: CompileOptions) -> CompileResult:
+    """``res`` with ``module`` = a verified copy of the user's own class (:mod:`fxprune.restore`), unless
+    ``result="graph"``; when the copy cannot be made or does not match the graph result, the graph result
+    stays (``result="auto"``, with the reason in the report) or a VerificationError is raised (``"class"``)."""
+    cls = type(model).__name__
+    if options.result == "graph" or res.analysis is None:
+        res.report = dataclasses.replace(res.report, form="GraphModule")
+        return res
+    t0 = time.perf_counter()
+    try:
+        rb = rebuild(model, res.graph_module, res.analysis, res.selection, res.original, options.rule_table)
+        why, second = verify_rebuilt(rb.module, res.graph_module, args)
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep the graph result, say why
+        rb, why, second = None, f"could not be made ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", False
+    if why or rb is None:
+        msg = f"your {cls} class could not be kept: its copy with the pruned layers {why}"
+        if options.result == "class":
+            raise VerificationError(msg + " (result='class'; use result='auto' to get the GraphModule instead)")
+        log.warning("fxprune: %s; returning the GraphModule", msg)
+        res.report = dataclasses.replace(res.report, form="GraphModule",
+                                         notes=res.report.notes + (f"result is the GraphModule: {msg}",))
+        return res
+    res.module = rb.module
+    notes = [f"result: a copy of your {cls} with the pruned layers, checked equal to the graph result on the "
+             "example inputs" + (" and on another batch/sequence size" if second else
+                                  " (another batch/sequence size could not be checked: the graph or the model "
+                                  "accepts only the example's)") + f" ({time.perf_counter() - t0:.2f}s)"]
+    if rb.attributes:
+        notes.append("attributes updated: " + ", ".join(rb.attributes[:8])
+                     + (f" and {len(rb.attributes) - 8} more" if len(rb.attributes) > 8 else ""))
+    if rb.config:
+        notes.append("config updated: " + ", ".join(rb.config))
+    if rb.config_mismatch:
+        notes.append(f"save_pretrained/from_pretrained will not restore this model: {rb.config_mismatch}; "
+                     "save it with fxprune.save (or torch.save)")
+    res.report = dataclasses.replace(res.report, form=f"class {cls}", notes=res.report.notes + tuple(notes))
+    return res
 
 
 def _opaque_function(exc: Exception) -> str | None:
@@ -206,11 +247,13 @@ def _compile_structured(model: nn.Module, example_inputs: Any, options: CompileO
     target = flat_view(model, spec, len(leaves)) if is_structured else model
     front = "whole" if options.frontend == "auto" else options.frontend
     try:
-        res = compile(target, tuple(leaves), options=options.replace(frontend=front))
+        res = compile(target, tuple(leaves), options=options.replace(
+            frontend=front, result="graph" if is_structured else options.result))
     except TraceError as exc:
         if options.frontend != "auto":
             raise
         return compile_hierarchical(model, args, options, compile, why=exc)
     if is_structured:
-        res.module = structured(res.module, spec, "")
+        res.module = res.graph_module = structured(res.module, spec, "")
+        res = _keep_class(model, res, args, options)
     return res

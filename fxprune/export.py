@@ -38,10 +38,11 @@ explaining both failures is raised only when no submodule can be captured either
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import operator
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -102,17 +103,19 @@ def _widened(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | Non
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """(``model`` is an :class:`_OutputView`: its forward takes ``*args``, whose dynamic shapes go under
+    that name.)"""
     if getattr(model, "fxprune_static_shapes", False):
         return _quiet_export(model, inputs)
     spatial = bool(getattr(model, "fxprune_dynamic_shapes", False))
     wide = _widened(inputs)
     if wide is not None:
         try:
-            return _quiet_export(model, wide, dynamic_shapes=_dynamic_shapes(wide, spatial))
+            return _quiet_export(model, wide, dynamic_shapes={"args": _dynamic_shapes(wide, spatial)})
         except Exception as exc:  # a model that needs a batch of one: capture it as given
             log.debug("export on a batch of two failed (%s: %s); capturing the batch of one", type(exc).__name__, exc)
     try:
-        return _quiet_export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs, spatial))
+        return _quiet_export(model, inputs, dynamic_shapes={"args": _dynamic_shapes(inputs, spatial)})
     except Exception as exc:  # dynamic dims the model cannot support: retry with every size static
         if "DataDependent" in type(exc).__name__:
             raise  # a branch on a tensor's value: static sizes cannot help
@@ -129,12 +132,50 @@ def _emittable(spec: pytree.TreeSpec) -> bool:
     return all(_emittable(spec.child(i)) for i in range(spec.num_children))
 
 
-def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str | None = None) -> fx.GraphModule:
+def tensors_only(out: Any, dropped: list[str], path: str = "output") -> Any:
+    """``out`` with every leaf that is neither a tensor nor a plain constant dropped (a Hugging Face cache, a
+    custom object: state the model hands back, not a result), mappings (``ModelOutput``) made plain dicts;
+    the paths of what was dropped are appended to ``dropped``."""
+    if isinstance(out, torch.Tensor) or out is None or isinstance(out, (bool, int, float, str)):
+        return out
+    if isinstance(out, Mapping):
+        kept = {k: tensors_only(v, dropped, f"{path}.{k}") for k, v in out.items()}
+        return {k: v for k, v in kept.items() if v is not None}
+    if isinstance(out, (tuple, list)):
+        items = [tensors_only(v, dropped, f"{path}[{i}]") for i, v in enumerate(out)]
+        return type(out)(items) if type(out) in (tuple, list) else tuple(items)
+    dropped.append(f"{path} ({type(out).__name__})")
+    return None
+
+
+class _OutputView:
+    """Makes a module's forward return :func:`tensors_only` of its output (for capture only)."""
+
+    @staticmethod
+    def of(module: nn.Module, dropped: list[str]) -> nn.Module:
+        cls = type(module)
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return tensors_only(cls.forward(self, *args, **kwargs), dropped)
+
+        view_cls = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+        view = copy.copy(module)
+        view.__class__ = view_cls
+        return view
+
+
+def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str | None = None,
+                 dropped: list[str] | None = None) -> fx.GraphModule:
     """Capture ``model`` (a private copy, in eval mode) with torch.export as a plain GraphModule of ATen ops.
 
-    Raises whatever torch.export raises; :func:`capture` turns it into a :class:`TraceError`.
+    Outputs that are not tensors (a Hugging Face model's key/value cache) are dropped from the graph (their
+    paths appended to ``dropped``). Raises whatever torch.export raises; :func:`capture` turns it into a
+    :class:`TraceError`.
     """
-    ep = _export(model, inputs)
+    lost: list[str] = []
+    ep = _export(_OutputView.of(model, lost), inputs)
+    if dropped is not None:
+        dropped.extend(dict.fromkeys(lost))
     unlifted = ep.module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -232,7 +273,8 @@ def capture(
             fx_error = exc
             log.info("symbolic tracing failed; capturing with torch.export instead: %s", str(exc).splitlines()[0])
     try:
-        gm = export_graph(model, inputs)
+        dropped: list[str] = []
+        gm = export_graph(model, inputs, name=type(model).__name__, dropped=dropped)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         if fx_error is None:
@@ -246,8 +288,11 @@ def capture(
             "     hint: torch.export runs the Python code but needs one graph: no branches on tensor values, "
             "no data-dependent shapes it cannot bound. Fixing either failure is enough."
         ) from exc
-    note = ""
+    notes = []
     if fx_error is not None:
-        note = ("captured with torch.export (ATen graph, eval-mode semantics) because symbolic tracing failed: "
-                f"{str(fx_error).splitlines()[0]}")
+        notes.append("captured with torch.export (ATen graph, eval-mode semantics) because symbolic tracing failed: "
+                     f"{str(fx_error).splitlines()[0]}")
+    if dropped:
+        notes.append(f"outputs that are not tensors were left out of the graph: {', '.join(dropped)}")
+    note = "; ".join(notes)
     return gm, "export", note

@@ -207,7 +207,8 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         call = calls[path]
         mod = work.get_submodule(path)
         ratios = {k[len(path) + 1:]: v for k, v in options.ratios.items() if k.startswith(path + ".")}
-        changes: dict[str, Any] = {"ignore": _relative(options.ignore, path), "ratios": ratios, "frontend": "whole"}
+        changes: dict[str, Any] = {"ignore": _relative(options.ignore, path), "ratios": ratios, "frontend": "whole",
+                                   "result": "graph"}  # (the whole model is the user's class already)
         if calib:
             changes["calib"] = calib.get(path)
         if not (options.ratio is not None or options.threshold is not None or options.target_macs is not None

@@ -36,9 +36,13 @@ from .passes.sequential import SequentialPrune
 from .pipeline import PASSES, Pass, Pipeline
 from .rules import RULES, RuleTable
 
-__all__ = ["CompileOptions", "check_names", "VERIFY"]
+__all__ = ["CompileOptions", "check_names", "VERIFY", "RESULT_FORMS"]
 
 VERIFY = ("shapes", "equivalence", "none")
+
+#: ``result=``: "auto" returns the user's own class when its rebuilt copy verifies against the graph result
+#: (else the graph, with the reason in the report), "class" insists on it (an error otherwise), "graph" skips it
+RESULT_FORMS = ("auto", "class", "graph")
 
 
 def check_names(model: nn.Module, names: Iterable[str], what: str) -> tuple[str, ...]:
@@ -93,6 +97,7 @@ class CompileOptions:
     absorb: bool = True
     sequential: bool = False
     step_callback: Callable[[fx.GraphModule, dict], None] | None = None
+    result: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (normalising a frozen instance)
@@ -103,6 +108,8 @@ class CompileOptions:
         set_("verify", v)
         if self.frontend not in FRONTENDS:
             raise ConfigError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {self.frontend!r}")
+        if self.result not in RESULT_FORMS:
+            raise ConfigError(f"result must be one of {', '.join(map(repr, RESULT_FORMS))}, got {self.result!r}")
         if self.unknown_ops not in ("error", "block"):
             raise ConfigError(f"unknown_ops must be 'error' or 'block', got {self.unknown_ops!r}")
         for name in ("global_ranking", "allow_lossy", "absorb", "sequential"):

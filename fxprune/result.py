@@ -51,6 +51,8 @@ class Report:
     seconds: float = 0.0
     batch: int = 1  # MACs are counted for one forward pass over the example inputs (this batch size)
     uncounted: tuple[str, ...] = ()  # modules the MACs counter has no formula for (MACs are a lower bound)
+    #: what ``CompileResult.module`` is: "class LlamaForCausalLM" (the user's class, rebuilt) or "GraphModule"
+    form: str = ""
 
     @property
     def macs_ratio(self) -> float:
@@ -77,6 +79,7 @@ class Report:
             f"({self.params_after / max(self.params_before, 1):.1%}), MACs {_h(self.macs_before)} → "
             f"{_h(self.macs_after)} ({self.macs_after / max(self.macs_before, 1):.1%}, batch of {self.batch}); "
             f"{self.groups_pruned} of {self.groups_total} channel groups pruned in {self.seconds:.2f}s"
+            + (f"; result: {self.form}" if self.form else "")
         )
         parts = [head, self.table()]
         if self.uncounted:
@@ -100,9 +103,14 @@ def _h(n: int) -> str:
 
 @dataclass
 class CompileResult:
-    """What :func:`compile` returns: the new module, the report, and everything needed to inspect it."""
+    """What :func:`compile` returns: the new module, the report, and everything needed to inspect it.
 
-    module: fx.GraphModule
+    ``module`` is what to keep: a copy of the user's own class with the pruned layers swapped in when that
+    copy verifies against the graph result (``result="auto"``, see :mod:`fxprune.restore`), else the graph
+    result. ``graph_module`` is always the graph result (a ``torch.fx.GraphModule``); the two share their
+    parameters."""
+
+    module: nn.Module
     report: Report
     original: fx.GraphModule
     analysis: Any
@@ -113,6 +121,12 @@ class CompileResult:
     regions: dict[str, "CompileResult"] = field(default_factory=dict)
     #: the facts the passes left (:mod:`fxprune.meta` keys): the traced graph's, then the result's
     facts: dict[str, Any] = field(default_factory=dict)
+    #: the graph result (the same object as ``module`` unless the user's class was rebuilt)
+    graph_module: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.graph_module is None:
+            self.graph_module = self.module
 
     @property
     def absorbed(self) -> tuple[Any, ...]:

@@ -66,6 +66,7 @@ from .ir import Selection, member_units
 from .passes.group import GroupChannels, analyze_graph
 from .passes.rewrite import rewrite_graph
 from .prepare import prepare
+from .restore import rebuild, verify_rebuilt
 from .rules import RULES
 from .structured import carry_attributes, flat_view, structured
 from .trace import copy_model
@@ -123,9 +124,16 @@ def _step(result: Any) -> dict[str, Any]:
         "graph": graph_fingerprint(result.original),
         "frontend": _frontend_of(result.original),
         "n_groups": len(analysis.groups),
+        "form": _form(result),
         "groups": groups,
         "params": params,
     }
+
+
+def _form(result: Any) -> str:
+    """"class" when the result's module is the user's class rebuilt around the graph result's tensors."""
+    g = getattr(result, "graph_module", None)
+    return "class" if g is not None and g is not getattr(result, "module", g) else "graph"
 
 
 def _frontend_of(gm: fx.GraphModule) -> str:
@@ -177,7 +185,7 @@ def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None
         "training": bool(last.training),
         "steps": steps,
         "meta": plain_data(dict(meta or {}), "save(meta=)"),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in last.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in results[-1].graph_module.state_dict().items()},
     }
     write_file(path, body)
 
@@ -209,7 +217,7 @@ def _hierarchical_body(result: Any, meta: Mapping[str, Any] | None) -> dict[str,
 def _added_params(r: Any, new: fx.GraphModule) -> list[list[Any]]:
     """Parameters the result has but its plan's rewrite does not (a post-pass gave a bias-free conv a bias,
     e.g. :mod:`fxprune.passes.absorb`): ``[name, shape, requires_grad]`` for each; anything else is a ConfigError."""
-    have = r.module.state_dict()
+    have = r.graph_module.state_dict()
     rebuilt = new.state_dict()
     added = []
     for name in sorted(set(have) - set(rebuilt)):
@@ -220,7 +228,8 @@ def _added_params(r: Any, new: fx.GraphModule) -> list[list[Any]]:
             mod = None
         if mod is None or attr not in mod._parameters or mod._parameters[attr] is not None:
             continue  # reported by the structure check below
-        p = r.module.get_submodule(owner).get_parameter(attr) if owner else r.module.get_parameter(attr)
+        g = r.graph_module
+        p = g.get_submodule(owner).get_parameter(attr) if owner else g.get_parameter(attr)
         added.append([name, list(p.shape), bool(p.requires_grad)])
     return added
 
@@ -248,7 +257,7 @@ def _replay_check(results: Sequence[Any]) -> list[list[list[Any]]]:
         new = rewrite_graph(r.original, r.analysis, r.selection)
         added = _added_params(r, new)
         _add_params(new, added)
-        want = {k: tuple(v.shape) for k, v in r.module.state_dict().items()}
+        want = {k: tuple(v.shape) for k, v in r.graph_module.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in new.state_dict().items()}
         if want != got:
             diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got.get(k))
@@ -358,8 +367,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
                                         "architecture (same constructor arguments) and retry")
     if "regions" in body:
         out: nn.Module = _load_regions(body, model, rules, leaf_modules, check_graph)
+        last = None
     else:
-        out = _replay(body["steps"], model, _example_inputs(body["inputs"]), rules, leaf_modules, check_graph)
+        out, last = _replay(body["steps"], model, _example_inputs(body["inputs"]), rules, leaf_modules, check_graph)
     sd = body["state_dict"]
     have = out.state_dict()
     bad = sorted(set(have) ^ set(sd)) + sorted(k for k in set(have) & set(sd) if have[k].shape != sd[k].shape)
@@ -370,15 +380,42 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
     except RuntimeError as exc:
         raise ArchitectureMismatchError(f"load: cannot load the saved weights: {exc}") from exc
     out.train(bool(body["training"]))
+    if last is not None and body["steps"][-1].get("form") == "class":
+        out = _as_class(last, out, _example_inputs(body["inputs"]))
     return out
 
 
+def _as_class(step: tuple[nn.Module, Any, Any, fx.GraphModule], out: fx.GraphModule,
+              inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+    """The saved result was the user's class: rebuild it around ``out``'s tensors (verified; if it does not
+    match, the graph is returned with a warning)."""
+    model, analysis, selection, traced = step
+    try:
+        rb = rebuild(model, out, analysis, selection, traced)
+        why, _ = verify_rebuilt(rb.module, out, inputs)
+    except Exception as exc:  # noqa: BLE001 - reported; the graph result is still right
+        rb, why = None, f"could not be made ({type(exc).__name__}: {exc})"
+    if why or rb is None:
+        log.warning("fxprune.load: the saved model was a %s, but its copy with the pruned layers %s; returning "
+                    "the GraphModule", type(model).__name__, why)
+        return out
+    rb.module.train(out.training)
+    return rb.module
+
+
 def _replay(steps: Sequence[Mapping[str, Any]], model: nn.Module, inputs: tuple[torch.Tensor, ...], rules: Any,
-            leaf_modules: Iterable[Any], check_graph: bool) -> fx.GraphModule:
-    """Capture ``model`` and re-apply each saved step's plan (weights are loaded by the caller)."""
+            leaf_modules: Iterable[Any], check_graph: bool
+            ) -> tuple[fx.GraphModule, tuple[nn.Module, Any, Any, fx.GraphModule]]:
+    """Capture ``model`` and re-apply each saved step's plan (weights are loaded by the caller). Returns the
+    last step's graph result and what rebuilding the user's class from it needs (the step's input module,
+    analysis, selection and traced graph); a step that was compiled on the user's class (a previous step's
+    result in class form) is replayed on the class rebuilt from the previous step."""
     current: nn.Module = model
     out: fx.GraphModule | None = None
+    last: Any = None
     for i, step in enumerate(steps):
+        if out is not None and steps[i - 1].get("form") == "class":
+            current = _as_class(last, out, inputs)
         try:
             gm, _ = prepare(current, inputs, leaf_modules, rules, frontend=step.get("frontend", "fx"))
         except FxpruneError as exc:
@@ -397,9 +434,9 @@ def _replay(steps: Sequence[Mapping[str, Any]], model: nn.Module, inputs: tuple[
         _check_masks(step, analysis, sel, state, i)
         out = rewrite_graph(gm, analysis, sel, inputs, rules)
         _add_params(out, step.get("added_params", []))
-        current = out
+        last = (current, analysis, sel, gm)
     assert out is not None
-    return out
+    return out, last
 
 
 def _load_regions(body: Mapping[str, Any], model: nn.Module, rules: Any, leaf_modules: Iterable[Any],
@@ -416,7 +453,7 @@ def _load_regions(body: Mapping[str, Any], model: nn.Module, rules: Any, leaf_mo
         spec = pytree.treespec_loads(region["spec"]) if region["spec"] is not None else None
         target = mod if spec is None else flat_view(mod, spec, len(inputs))
         try:
-            new: nn.Module = _replay(region["steps"], target, inputs, rules, leaf_modules, check_graph)
+            new: nn.Module = _replay(region["steps"], target, inputs, rules, leaf_modules, check_graph)[0]
         except FxpruneError as exc:
             exc.add_note(f"fxprune.load: in region {path!r}")
             raise

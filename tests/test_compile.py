@@ -25,8 +25,11 @@ def test_contract_on_torchvision_resnet18():
     snap = snapshot(model)
     x = torch.randn(1, 3, 64, 64)
     res = fxprune.compile(model, (x,), importance="l2", ratio=0.5, verify="equivalence")
-    assert isinstance(res.module, fx.GraphModule)
+    # the result is a copy of the user's own class (checked against the graph result), the graph is kept too
+    assert type(res.module) is type(model) and isinstance(res.graph_module, fx.GraphModule)
+    assert res.report.form == "class ResNet" and "result: class ResNet" in str(res.report).splitlines()[0]
     assert res.module is not model
+    assert torch.equal(res.module(x), res.graph_module(x))
     r = res.report
     assert r.params_after < r.params_before and r.macs_after < r.macs_before
     assert res.module(x).shape == model(x).shape == (1, 1000)

@@ -94,7 +94,7 @@ def test_criteria_agree_across_front_ends(model, criterion):
     kw = dict(importance=criterion, ratio=0.5, calib=calib, absorb=False)
     a = fxprune.compile(m, x, frontend="fx", **kw)
     b = fxprune.compile(m, x, frontend="export", **kw)
-    assert any(isinstance(n.target, torch._ops.OpOverload) for n in b.module.graph.nodes)  # really ATen
+    assert any(isinstance(n.target, torch._ops.OpOverload) for n in b.graph_module.graph.nodes)  # really ATen
     assert a.report.groups_pruned > 0 and a.report.groups_pruned == b.report.groups_pruned
     _compare(a, b)
 

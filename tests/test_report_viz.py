@@ -36,7 +36,6 @@ def test_group_graph_matches_analysis(name):
     for g in r.analysis.groups:
         on = {c.node for c in g.channels if c.node in G}
         assert on == {n for n, a in G.nodes(data=True) if g.id in a["groups"]}
-    keep_of = r.analysis.keep_fn(r.selection)
     mods = dict(r.module.named_modules())
     for n, a in G.nodes(data=True):
         if a["group"] is not None:

@@ -41,7 +41,7 @@ def _static(model: nn.Module) -> nn.Module:
 
 
 def _params(res) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in res.module.named_parameters()}
+    return {k: v.detach() for k, v in res.graph_module.named_parameters()}
 
 
 def _zero_out_importance():
@@ -212,7 +212,7 @@ def test_encoder_both_front_ends_agree_and_model_untouched():
     torch.testing.assert_close(a.module(x), b.module(x), rtol=1e-5, atol=1e-6)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # fx: the encoder is traced through (torch's own forward cannot be), the attention stays a module
-    assert any(n.op == "call_module" and n.target == "enc.layers.0.self_attn" for n in a.module.graph.nodes)
+    assert any(n.op == "call_module" and n.target == "enc.layers.0.self_attn" for n in a.graph_module.graph.nodes)
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
@@ -295,7 +295,7 @@ def test_masked_attention_with_weights_path(frontend, batch_first):
     assert p["mha.out_proj.weight"].shape[1] == 4  # 2 of 4 heads of width 2
     if frontend == "export":
         assert p["mha.in_proj_weight"].shape[0] == 12
-        assert any(n.target is A.baddbmm.default for n in res.module.graph.nodes)
+        assert any(n.target is A.baddbmm.default for n in res.graph_module.graph.nodes)
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
@@ -317,7 +317,7 @@ def test_export_with_dynamic_shapes_prunes_heads_and_generalises():
     res = fxprune.compile(model, torch.randn(2, 5, 5, dtype=torch.float64), importance=_zero_out_importance(),
                           threshold=0.0, frontend="export")
     assert _params(res)["enc.layers.0.self_attn.in_proj_weight"].shape == (12, 8)
-    assert any(n.target is operator_mul and any(isinstance(a, int) for a in n.args) for n in res.module.graph.nodes)
+    assert any(n.target is operator_mul and any(isinstance(a, int) for a in n.args) for n in res.graph_module.graph.nodes)
     for shape in ((3, 7, 5), (1, 2, 5)):
         x = torch.randn(*shape, dtype=torch.float64)
         torch.testing.assert_close(res.module(x), model(x), rtol=1e-10, atol=1e-10)
@@ -369,7 +369,7 @@ def test_hand_written_attention_zeroed_head_removed_exactly(frontend, explicit):
     assert p["k.weight"].shape == p["v.weight"].shape == (8, 12) and p["o.weight"].shape == (4, 8)
     torch.testing.assert_close(res.module(x), model(x), rtol=1e-10, atol=1e-10)
     if explicit:  # the literal softmax scale is untouched: 1/sqrt(original head width)
-        consts = [a for n in res.module.graph.nodes for a in n.args if isinstance(a, float)]
+        consts = [a for n in res.graph_module.graph.nodes for a in n.args if isinstance(a, float)]
         assert 0.5 in consts
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..meta import shape_of
 from ..modules import PrunedMultiheadAttention
-from .base import RULES, Rule, RuleContext, shrink_tensors
+from .base import RULES, RewriteContext, Rule, RuleContext, shrink_tensors
 from .calls import Bound, Family, aten_overloads, call_arg, schema_args
 from .matmul import product_dim_origins, tie_batch
 
@@ -210,6 +210,19 @@ def mha_macs(mha: nn.Module, q: tuple[int, ...], k: tuple[int, ...], batch_first
     return n * (proj + L * s_att * wq[0] + L * s_att * wv[0])
 
 
+def _kept(mask: np.ndarray | None) -> list[int] | None:
+    return None if mask is None else [int(i) for i in np.flatnonzero(mask)]
+
+
+def _io_keeps(mha: nn.MultiheadAttention, qualname: str, rw: RewriteContext) -> list[list[int] | None]:
+    """Kept query, key, value input channels and output channels of an ``nn.MultiheadAttention``."""
+    if mha._qkv_same_embed_dim:
+        kq = kk = kv = rw.keep_param(f"{qualname}.in_proj_weight", 1)
+    else:
+        kq, kk, kv = (rw.keep_param(f"{qualname}.{p}_proj_weight", 1) for p in "qkv")
+    return [_kept(m) for m in (kq, kk, kv, rw.keep_param(f"{qualname}.out_proj.weight", 0))]
+
+
 class MultiheadAttentionRule(Rule):
     """nn.MultiheadAttention and its pruned replacement: whole heads, input and output channels."""
 
@@ -292,18 +305,25 @@ class MultiheadAttentionRule(Rule):
             new.out_proj.out_features = new.out_dim
             return new
         hk = rw.keep(("v", nodes[0].name, "heads")) if nodes else None
-
-        def lst(mask):
-            return None if mask is None else [int(i) for i in np.flatnonzero(mask)]
-
-        if module._qkv_same_embed_dim:
-            kq = kk = kv = rw.keep_param(f"{qualname}.in_proj_weight", 1)
-        else:
-            kq, kk, kv = (rw.keep_param(f"{qualname}.{p}_proj_weight", 1) for p in "qkv")
-        ko = rw.keep_param(f"{qualname}.out_proj.weight", 0)
-        if all(x is None for x in (hk, kq, kk, kv, ko)):
+        io = _io_keeps(module, qualname, rw)
+        if hk is None and all(x is None for x in io):
             return copy.deepcopy(module)
-        return PrunedMultiheadAttention.from_mha(module, lst(hk), lst(kq), lst(kk), lst(kv), lst(ko))
+        return PrunedMultiheadAttention.from_mha(module, _kept(hk), *io)
+
+    def fix_module(self, new, old, qualname, rw, nodes=()):
+        """(Rebuilding the user's class after an ATen capture, where the module was no graph node: the kept
+        heads are read off the query rows of the input projection.)"""
+        if nodes or isinstance(old, PrunedMultiheadAttention):
+            return self.rewrite_module(old, qualname, rw, nodes)
+        name = "in_proj_weight" if old._qkv_same_embed_dim else "q_proj_weight"
+        rows = rw.keep_param(f"{qualname}.{name}", 0)
+        heads = None
+        if rows is not None:
+            q = np.asarray(rows[: old.embed_dim]).reshape(old.num_heads, old.head_dim)
+            if not (q.all(1) | ~q.any(1)).all():
+                raise ValueError(f"{qualname}: the pruned query rows are not whole heads")
+            heads = [int(i) for i in np.flatnonzero(q.all(1))]
+        return PrunedMultiheadAttention.from_mha(old, heads, *_io_keeps(old, qualname, rw))
 
     def macs(self, node, gm) -> int | None:
         m = gm.get_submodule(str(node.target))

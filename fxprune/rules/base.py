@@ -46,7 +46,7 @@ from ..errors import UnsupportedOpError
 from ..meta import shape_of
 from .axes import Axis, AxisTable, ParamInfo, RuleContext, is_state, lookup_tensor, op_key
 
-__all__ = ["Axis", "AxisTable", "ParamInfo", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES", "is_state",
+__all__ = ["Axis", "AxisTable", "ParamInfo", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES", "is_state", "patch_sizes",
            "op_key", "lookup_tensor", "slice_param", "shrink_tensors"]
 
 
@@ -96,6 +96,12 @@ def _gather_grouped(data: torch.Tensor, keep: np.ndarray, groups: int, what: str
                          f"groups (kept per group: {[len(b) for b in blocks]})")
     idx = [torch.as_tensor(b, device=data.device) for b in blocks]
     return torch.cat([data[q * og : (q + 1) * og].index_select(1, idx[q]) for q in range(groups)], 0)
+
+
+def patch_sizes(sizes: Any, new: tuple[int, ...]) -> Any:
+    """Replace literal ints (except -1) in a size list by the new sizes; keep graph values and -1."""
+    out = [n if isinstance(s, int) and s != -1 else s for s, n in zip(sizes, new, strict=True)]
+    return type(sizes)(out) if isinstance(sizes, tuple) else out
 
 
 def slice_param(t: torch.Tensor, qualname: str, rw: RewriteContext) -> torch.Tensor:
@@ -157,6 +163,13 @@ class Rule:
 
     def fix_attributes(self, module: nn.Module) -> None:
         """Update size attributes (in_channels...) after the tensors shrank."""
+
+    def fix_module(self, new: nn.Module, old: nn.Module, qualname: str, rw: RewriteContext,
+                   nodes: Sequence[fx.Node] = ()) -> nn.Module:
+        """Make ``new`` (a copy of ``old`` whose tensors already have their pruned shapes) consistent: its size
+        attributes follow its tensors. Returns the module to use (the default fixes attributes in place)."""
+        self.fix_attributes(new)
+        return new
 
     def rewrite_node(self, node: fx.Node, old: fx.Node, rw: RewriteContext) -> None:
         """Patch literal arguments of ``node`` (a node of the new graph; ``old`` its original)."""

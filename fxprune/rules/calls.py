@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..meta import shape_of
-from .base import RULES, RewriteContext, Rule, RuleContext, RuleTable, is_state, lookup_tensor
+from .base import RULES, RewriteContext, Rule, RuleContext, RuleTable, is_state, lookup_tensor, shrink_tensors
 
 __all__ = ["Bound", "Family", "Consumer", "ParamOrigin", "aten_overloads", "aten_name", "aten_self", "schema_args",
            "set_schema_arg", "call_arg", "param_origin", "label_param", "weight_axis", "weight_owner", "user_type", "layer_name",
@@ -280,6 +280,9 @@ class Family:
     def rewrite_node(self, call: Any, node: fx.Node, old: fx.Node, rw: RewriteContext) -> None:
         pass
 
+    def fix_module(self, call: Any, new: nn.Module, old: nn.Module, qualname: str, rw: RewriteContext) -> None:
+        """Size attributes of a module whose tensors were pruned (``call`` may be None: no graph node)."""
+
     def macs(self, call: Any, node: fx.Node, gm: fx.GraphModule) -> int | None:
         return None
 
@@ -328,7 +331,16 @@ class Bound(Rule):
                        nodes: Sequence[fx.Node] = ()) -> nn.Module:
         call = self.bind(nodes[0], rw.gm) if nodes else None
         new = self.family.rewrite_module(call, module, qualname, rw, nodes)
-        return new if new is not None else super().rewrite_module(module, qualname, rw, nodes)
+        if new is None:
+            new = shrink_tensors(module, qualname, rw)
+            self.family.fix_module(call, new, module, qualname, rw)
+        return new
+
+    def fix_module(self, new: nn.Module, old: nn.Module, qualname: str, rw: RewriteContext,
+                   nodes: Sequence[fx.Node] = ()) -> nn.Module:
+        call = self.bind(nodes[0], rw.gm) if nodes else None
+        self.family.fix_module(call, new, old, qualname, rw)
+        return new
 
     def rewrite_node(self, node: fx.Node, old: fx.Node, rw: RewriteContext) -> None:
         if old.op == "call_module":

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..ir import Constraint
 from ..meta import shape_of
-from .base import RULES, RewriteContext, RuleContext, shrink_tensors
+from .base import RULES, RewriteContext, RuleContext
 from .calls import (Bound, Consumer, Family, aten_overloads, call_arg, module_of, param_origin,
                     schema_args, set_call_arg, set_schema_arg, tensor_shape, layer_name, weight_axis, weight_owner)
 
@@ -134,22 +134,22 @@ class ConvFamily(Family):
         g = call.groups
         return isinstance(g, int) and g == cin and g > 1 and (not call.transposed or cout == cin)
 
-    def rewrite_module(self, call, module, qualname, rw, nodes):
-        new = shrink_tensors(module, qualname, rw)
-        g = module.groups
-        if call.transposed:
+    def fix_module(self, call, new, old, qualname, rw) -> None:
+        g = old.groups
+        transposed = isinstance(old, _CONVT_MODULES)
+        depthwise = g == old.in_channels and g > 1 and (not transposed or old.out_channels == old.in_channels)
+        if transposed:
             new.in_channels = new.weight.shape[0]
-            if self._depthwise(call, module.in_channels, module.out_channels):
+            if depthwise:
                 new.groups = new.in_channels
             new.out_channels = new.weight.shape[1] * new.groups
         else:
             new.out_channels = new.weight.shape[0]
-            if self._depthwise(call, module.in_channels, module.out_channels):
-                new.groups = new.out_channels // (module.out_channels // module.in_channels)
+            if depthwise:
+                new.groups = new.out_channels // (old.out_channels // old.in_channels)
                 new.in_channels = new.groups
             else:
                 new.in_channels = new.weight.shape[1] * g
-        return new
 
     def rewrite_node(self, call, node, old, rw: RewriteContext) -> None:
         w = tensor_shape(rw.gm, call.weight)

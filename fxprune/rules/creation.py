@@ -27,11 +27,11 @@ import torch
 import torch.fx as fx
 
 from .. import meta
-from .base import RULES, Rule, RuleContext
-from .calls import aten_overloads
+from .base import RULES, Rule, RuleContext, patch_sizes
+from .calls import aten_overloads, schema_args, set_schema_arg
 from .elementwise import Unary
 
-__all__ = ["NoOp", "Opaque", "Creation", "AtenCreation", "Pinned", "size_source", "size_deps", "shape_sources"]
+__all__ = ["NoOp", "Opaque", "Creation", "AtenCreation", "AtenFill", "Pinned", "size_source", "size_deps", "shape_sources"]
 
 
 class NoOp(Rule):
@@ -91,6 +91,10 @@ def size_source(node: Any) -> tuple[fx.Node, int] | None:
         if isinstance(d, int) and shp is not None and hasattr(shp, "shape"):
             return x, d % len(shp.shape)
         return None
+    if node.op == "call_function" and node.target is torch.ops.aten.sym_size.int:  # the export spelling
+        x, d = node.args[0], node.args[1]
+        shp = meta.tensor_meta(x)
+        return (x, d % len(shp.shape)) if shp is not None and hasattr(shp, "shape") else None
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
         x = _is_shape_of(node.args[0])
         if x is not None:
@@ -214,6 +218,27 @@ class Creation(Rule):
             elif isinstance(e, fx.Node):
                 for x, k in size_deps(e):
                     self._pin_source(rc, node, x, k, "is used in the size of")
+            elif isinstance(e, int) and self.kind == "fill":
+                rc.free(rc.out(d))  # every position alike: a literal size is patched when the dim is pruned
+
+    def rewrite_node(self, node, old, rw) -> None:
+        if self.kind != "fill":
+            return
+        size, _ = self._split(old)
+        if not isinstance(size, (tuple, list)):
+            return  # a size computed at run time follows the pruning by itself
+        new = patch_sizes(self._split(node)[0], rw.new_shape(old))
+        args = list(node.args)
+        if "size" in node.kwargs:
+            node.kwargs = {**node.kwargs, "size": type(node.kwargs["size"])(new)}
+            return
+        start = 1 if node.op == "call_method" else 0
+        if self.varargs and (len(args) - start != 1 or not isinstance(args[start], (list, tuple, torch.Size))):
+            node.args = (*args[:start], *new, *args[start + len(new):])
+        else:
+            pos = start + self.size_pos
+            node.args = (*args[:pos], type(args[pos])(new) if isinstance(args[pos], (list, tuple)) else tuple(new),
+                         *args[pos + 1:])
 
     @staticmethod
     def _pin_source(rc: RuleContext, node: fx.Node, x: fx.Node, d: int | None, how: str) -> None:
@@ -288,11 +313,43 @@ except ImportError:  # pragma: no cover
 
 
 class AtenCreation(NoOp):
-    """ATen zeros / ones / full / arange / new_zeros ...: a new tensor; tensor arguments are read for dtype and
-    device only (as :class:`NoOp` reads them), and the output (with its literal sizes) is pinned by
+    """ATen arange / eye / linspace / empty_strided ...: a new tensor whose values depend on its sizes; tensor
+    arguments are read for dtype and device only (as :class:`NoOp` reads them), and the output is pinned by
     :meth:`~fxprune.rules.base.RuleContext.finish`, so no literal ever needs patching."""
 
     name = "aten.creation"
+
+
+class AtenFill(NoOp):
+    """ATen zeros / ones / full / empty / new_zeros ... (the export spelling of :class:`Creation`'s fills):
+    every position alike, so each output dim is free (a literal size, patched when the dim is pruned: T5's
+    zero position bias of ``n_heads`` rows), tied to the dim its symbolic size reads (``sym_size``), or pinned
+    where the size went through arithmetic."""
+
+    name = "aten.fill"
+
+    def analyze(self, node, rc: RuleContext) -> None:
+        super().analyze(node, rc)
+        out = rc.out_shape()
+        args = schema_args(node)
+        if out is None or not isinstance(args.get("size"), (list, tuple)) or len(args["size"]) != len(out):
+            return
+        for x, k in size_deps(args.get("fill_value")):
+            Creation._pin_source(rc, node, x, k, "feeds the values of")
+        for d, e in enumerate(args["size"]):
+            src = size_source(e)
+            if isinstance(e, int):
+                rc.free(rc.out(d))
+            elif src is not None:
+                rc.tie(rc.act(*src), rc.out(d))
+            else:
+                for x, k in size_deps(e):
+                    Creation._pin_source(rc, node, x, k, "is used in the size of")
+
+    def rewrite_node(self, node, old, rw) -> None:
+        size = schema_args(node).get("size")
+        if isinstance(size, (list, tuple)):
+            set_schema_arg(node, "size", list(patch_sizes(list(size), rw.new_shape(old))))
 
 
 class Pinned(Rule):
@@ -322,9 +379,10 @@ for _fn in _SYM + [math.ceil, math.floor, math.trunc, math.sqrt, builtins.max, b
                    builtins.int, builtins.float, operator.floordiv, operator.truediv, operator.mod]:
     RULES.functions.setdefault(_fn, _pinned)  # arithmetic on sizes: no tensors, nothing to tie
 RULES.register_function(aten_overloads(
-    "zeros", "ones", "full", "empty", "empty_strided", "arange", "scalar_tensor", "eye", "linspace", "new_zeros",
-    "new_ones", "new_full", "new_empty", "new_empty_strided", "rand", "randn", "randint", "tensor", "tril_indices",
-    "triu_indices"), AtenCreation())
+    "empty_strided", "arange", "scalar_tensor", "eye", "linspace", "new_empty_strided", "rand", "randn", "randint",
+    "tensor", "tril_indices", "triu_indices"), AtenCreation())
+RULES.register_function(aten_overloads("zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full",
+                                       "new_empty"), AtenFill())
 RULES.register_function(aten_overloads(
     "index", "_unsafe_index", "index_select", "gather", "scatter", "scatter_", "scatter_add", "scatter_add_",
     "masked_select", "nonzero", "sort", "argsort", "topk", "_local_scalar_dense", "item", "unfold", "triu", "tril",

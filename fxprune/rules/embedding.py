@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..meta import shape_of
-from .base import RULES, RuleContext, shrink_tensors
+from .base import RULES, RuleContext
 from .calls import Bound, Family, aten_overloads, call_arg, layer_name, schema_args, weight_axis, weight_owner
 
 __all__ = ["EmbeddingCall", "EmbeddingFamily", "EMBEDDING"]
@@ -43,10 +43,8 @@ class EmbeddingFamily(Family):
         rc.tie(out, weight_axis(rc, call.weight, 1, "out"))
         rc.free(weight_axis(rc, call.weight, 0, "other"))
 
-    def rewrite_module(self, call, module, qualname, rw, nodes):
-        new = shrink_tensors(module, qualname, rw)
+    def fix_module(self, call, new, old, qualname, rw) -> None:
         new.embedding_dim = new.weight.shape[1]
-        return new
 
     def macs(self, call, node, gm) -> int | None:
         return 0

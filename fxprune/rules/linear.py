@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..meta import shape_of
-from .base import RULES, RuleContext, shrink_tensors
+from .base import RULES, RuleContext
 from .calls import (Bound, Consumer, Family, aten_overloads, call_arg, module_of, param_origin, schema_args,
                     tensor_shape, layer_name, weight_axis, weight_owner)
 
@@ -74,10 +74,8 @@ class LinearFamily(Family):
                 else:
                     rc.pin(ax, "broadcast dim")
 
-    def rewrite_module(self, call, module, qualname, rw, nodes):
-        new = shrink_tensors(module, qualname, rw)
+    def fix_module(self, call, new, old, qualname, rw) -> None:
         new.out_features, new.in_features = new.weight.shape
-        return new
 
     def macs(self, call, node, gm) -> int | None:
         out, w = shape_of(node), tensor_shape(gm, call.weight)

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..ir import Constraint
 from ..meta import shape_of
-from .base import RULES, RuleContext, shrink_tensors
+from .base import RULES, RuleContext
 from .calls import (Bound, Family, aten_name, aten_overloads, call_arg, module_of, schema_args, set_call_arg,
                     set_schema_arg, layer_name, weight_axis)
 
@@ -151,23 +151,24 @@ class NormFamily(Family):
                 else:
                     rc.free(ax)
 
-    def rewrite_module(self, call, module, qualname, rw, nodes):
-        new = shrink_tensors(module, qualname, rw)
-        if call.kind == "channel":
+    def fix_module(self, call, new, old, qualname, rw) -> None:
+        if isinstance(old, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
             for pname in ("weight", "running_mean"):
                 t = getattr(new, pname, None)
                 if t is not None:
                     new.num_features = t.shape[0]
                     break
-        elif call.kind == "group":
-            k = rw.keep_act(call.input, 1)
+        elif isinstance(old, nn.GroupNorm):
+            k = rw.keep_act(call.input, 1) if call is not None else rw.keep_param(f"{qualname}.weight", 0)
             if k is not None:
                 new.num_channels = int(k.sum())
-                new.num_groups = new_num_groups(module.num_groups, module.num_channels, k)
-        elif call.kind == "last":
-            shp = rw.new_shape(call.input)
-            new.normalized_shape = tuple(shp[-call.normalized:])
-        return new
+                new.num_groups = new_num_groups(old.num_groups, old.num_channels, k)
+        elif hasattr(old, "normalized_shape"):  # LayerNorm / RMSNorm
+            k = len(old.normalized_shape)
+            if call is not None:
+                new.normalized_shape = tuple(rw.new_shape(call.input)[-k:])
+            elif getattr(new, "weight", None) is not None:
+                new.normalized_shape = tuple(new.weight.shape[-k:])
 
     def rewrite_node(self, call, node, old, rw) -> None:
         if call.kind == "group" and isinstance(call.groups, int):

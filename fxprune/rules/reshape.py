@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import meta
 from ..meta import shape_of
-from .base import RULES, Rule, RewriteContext, RuleContext
+from .base import RULES, Rule, RewriteContext, RuleContext, patch_sizes
 from .calls import Bound, Family, aten_name, aten_overloads, schema_args, set_schema_arg
 from .heads import match_dims, merge_preference, split_preference
 
@@ -67,12 +67,6 @@ def tie_reshape(rc: RuleContext, x: fx.Node, out_index: int | None = None,
             rc.tie_product(v, xa)
             prefer = split_prefer(ins, outs, ins_nt, outs_nt, len(xa)) if split_prefer is not None else None
             rc.tie_product(v, oa, prefer=prefer)
-
-
-def patch_sizes(sizes: Any, new: tuple[int, ...]) -> Any:
-    """Replace literal ints (except -1) in a size list by the new sizes; keep graph values and -1."""
-    out = [n if isinstance(s, int) and s != -1 else s for s, n in zip(sizes, new, strict=True)]
-    return type(sizes)(out) if isinstance(sizes, tuple) else out
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,7 @@ EXAMPLES: dict[str, list[Factory]] = {
     "creation.like": [shapes.ex_creation],
     "creation.values": [shapes.ex_creation],
     "aten.creation": [exported.ex_index_put],
+    "aten.fill": [exported.ex_fill],
     "pinned": [exported.ex_pinned],
     "shape_query": [shapes.ex_flatten_view, exported.ex_shape],
 }

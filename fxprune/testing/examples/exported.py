@@ -121,6 +121,26 @@ def ex_index_put():
     return static(M()), img()
 
 
+def ex_fill():
+    class M(nn.Module):
+        """T5-style: a zero position bias with a literal channel count (patched when the channels are pruned),
+        a fill sized from the input's batch and spatial dims (symbolic sizes: it follows them)."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            if x.dim() != 4:
+                raise ValueError("NCHW input")
+            y = self.a(x)
+            bias = torch.zeros(1, 8, 1, 1) + torch.full((1, 8, 1, 1), 0.5) + y.new_ones(x.shape[0], 8, *x.shape[2:])
+            return self.b(y * bias)
+
+    return M(), img()
+
+
 def ex_pinned():
     class M(nn.Module):
         def __init__(self):

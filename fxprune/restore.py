@@ -1,0 +1,327 @@
+"""The result a user keeps: their own model class, smaller, verified against the graph result.
+
+When the pruning changes only leaf modules (``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, norms, Hugging
+Face's ``Conv1D``…) and attributes the rules understand (head counts, inner widths), :func:`rebuild` makes a
+copy of the user's model — its class, its ``forward``, its methods (``generate()``), its config — with:
+
+1. every parameter and buffer replaced by the graph result's tensor of the same name (shared, not copied:
+   the two forms are views of one set of weights; absorbed constants and refits included, tied weights
+   stay tied);
+2. every module whose tensors changed made consistent by its op family (:meth:`Rule.fix_module`: in/out
+   channels, groups, ``normalized_shape``…) or, for a module without a rule, by renaming its integer
+   attributes that were the old size of a changed dim;
+3. head counts and widths of the modules above them updated where an attribute's name says what it is
+   (``num_heads``, ``num_key_value_heads``, ``all_head_size``, ``inner_dim``, ``split_size``…) and its value
+   is the old count;
+4. the model's ``config`` updated the same way when every layer was pruned alike (so ``save_pretrained`` /
+   ``from_pretrained`` round-trip), with ``head_dim`` kept explicit.
+
+It is then **verified**: on the example inputs and on a second batch (and sequence) size, its outputs must
+equal the graph result's. A forward that hard-codes a size the graph had to patch fails this check, and the
+graph result is returned instead, with the reason in the report (``result="auto"``, the default).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .export import tensors_only
+from .passes.verify import compare_outputs
+from .rules import RULES, RuleTable
+from .rules.base import RewriteContext
+
+__all__ = ["rebuild", "verify_rebuilt", "second_inputs", "Rebuilt"]
+
+#: attribute names by what they count (matched on the whole name, case-insensitive)
+_HEADS = re.compile(r"^(num_|n_)?(attention_|attn_)?heads?$|^num_(key_value|kv)_heads$|^n_kv_heads?$")
+_INNER = re.compile(r"^(all_head_size|inner_dim|inner_size|split_size|attention_dim|qkv_dim)$")
+_FFN = re.compile(r"^(intermediate_size|d_ff|ffn_dim|n_inner|ffn_hidden_size|mlp_dim)$")
+_HIDDEN = re.compile(r"^(hidden_size|d_model|n_embd|embed_dim|model_dim|hidden_dim|emb_dim)$")
+_SKIP = {"training", "layer_idx", "layer_id", "vocab_size", "num_layers", "num_hidden_layers", "n_layer"}
+
+
+@dataclass
+class Rebuilt:
+    """A rebuilt model and what was changed on it (for the report)."""
+
+    module: nn.Module
+    attributes: list[str]
+    config: list[str]
+    #: '' when ``config`` describes the pruned model (save_pretrained/from_pretrained round-trip), else why not
+    config_mismatch: str
+
+
+def _named_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in m.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                if t is not None:
+                    out.setdefault(f"{name}.{k}" if name else k, t)
+    return out
+
+
+def _changed_modules(model: nn.Module, keep_of: Callable[[tuple], Any]) -> list[str]:
+    """Paths of the modules whose own parameters or buffers lose positions."""
+    out = []
+    for name, mod in model.named_modules():
+        for store in (mod._parameters, mod._buffers):
+            if any(t is not None and any(keep_of(("p", f"{name}.{k}" if name else k, d)) is not None
+                                         for d in range(t.dim())) for k, t in store.items()):
+                out.append(name)
+                break
+    return out
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
+def _fix_plain_attributes(new: nn.Module, old: nn.Module) -> list[str]:
+    """A module without a rule: integer attributes that were the old size of a changed tensor dim (Hugging
+    Face's ``Conv1D.nf``) take the new size, where that is unambiguous: a size that is also the size of an
+    unchanged dim (``Conv1D(64, 64)`` pruned on one side) or that became two different sizes is left alone
+    (the verification that follows decides whether the copy is right)."""
+    sizes: dict[int, set[int]] = {}
+    for store_old, store_new in ((old._parameters, new._parameters), (old._buffers, new._buffers)):
+        for k, t in store_old.items():
+            n = store_new.get(k)
+            if t is None or n is None:
+                continue
+            for a, b in zip(t.shape, n.shape, strict=True):
+                sizes.setdefault(int(a), set()).add(int(b))
+    changed = []
+    for k, v in vars(old).items():
+        if k.startswith("_") or k in _SKIP or isinstance(v, bool) or not isinstance(v, int):
+            continue
+        if v in sizes and len(sizes[v]) == 1 and v not in sizes[v]:
+            setattr(new, k, next(iter(sizes[v])))
+            changed.append(k)
+    return changed
+
+
+def _counts(old: nn.Module, new: nn.Module, head_dim: int | None) -> dict[str, dict[int, int]]:
+    """Old -> new head counts and widths below a module: inner and FFN widths and head counts from its 2-D
+    weights, the hidden size from its embedding tables (the model width every layer reads and writes)."""
+    out: dict[str, dict[int, int]] = {"inner": {}, "heads": {}, "ffn": {}, "hidden": {}}
+    new_mods = dict(new.named_modules())
+    for name, m in old.named_modules():
+        w = getattr(m, "weight", None)
+        n = new_mods.get(name)
+        nw = getattr(n, "weight", None) if n is not None else None
+        if not isinstance(w, torch.Tensor) or not isinstance(nw, torch.Tensor) or w.dim() != 2 or w.shape == nw.shape:
+            continue
+        if isinstance(m, nn.Embedding):
+            if w.shape[1] != nw.shape[1]:
+                out["hidden"].setdefault(int(w.shape[1]), int(nw.shape[1]))
+            continue
+        for a, b in zip(w.shape, nw.shape, strict=True):
+            if a != b:
+                out["inner"].setdefault(int(a), int(b))
+                out["ffn"].setdefault(int(a), int(b))
+                if head_dim and a % head_dim == 0 and b % head_dim == 0:
+                    out["heads"].setdefault(a // head_dim, b // head_dim)
+    return out
+
+
+def _kind(name: str, hidden: bool = True) -> str | None:
+    """What an integer attribute or config entry counts, by its name."""
+    k = name.lower()
+    if _HEADS.match(k):
+        return "heads"
+    if _INNER.match(k):
+        return "inner"
+    if _FFN.match(k):
+        return "ffn"
+    return "hidden" if hidden and _HIDDEN.match(k) else None
+
+
+def _head_dim(m: nn.Module) -> int | None:
+    for k in ("head_dim", "attention_head_size", "head_size", "d_kv", "key_value_proj_dim", "dim_head"):
+        v = getattr(m, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _update_counts(new: nn.Module, old: nn.Module, changed: list[str]) -> list[str]:
+    """Head counts and inner/FFN widths of every module above a changed leaf (see the module docstring)."""
+    done: list[str] = []
+    leaf = set(changed)
+    for name, m in old.named_modules():
+        if name in leaf or not any(c == name or c.startswith(name + ".") if name else True for c in changed):
+            continue
+        target = new.get_submodule(name) if name else new
+        counts = _counts(m, target, _head_dim(m))
+        for k, v in vars(m).items():
+            if k.startswith("_") or k in _SKIP or isinstance(v, bool) or not isinstance(v, int):
+                continue
+            kind = _kind(k)
+            if kind is None or v not in counts[kind]:
+                continue
+            setattr(target, k, counts[kind][v])
+            done.append(f"{name + '.' if name else ''}{k}: {v} -> {counts[kind][v]}")
+    return done
+
+
+def _update_config(new: nn.Module, old: nn.Module, changed: list[str]) -> tuple[list[str], str]:
+    """The model's ``config`` (Hugging Face style): the head counts and widths the pruning changed.
+
+    Returns the updates and '' when the updated config describes the pruned model (a fresh instance of the
+    class built from it, on the meta device, has exactly the pruned model's tensor shapes: then
+    ``save_pretrained``/``from_pretrained`` round-trip), else why it does not."""
+    cfg = getattr(old, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return [], ""
+    head_dim = getattr(cfg, "head_dim", None) or (
+        cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "hidden_size", None) and getattr(
+            cfg, "num_attention_heads", None) else None)
+    counts = _counts(old, new, head_dim)
+    updates: dict[str, Any] = {}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, bool) or not isinstance(v, int) or k in _SKIP:
+            continue
+        kind = _kind(k)
+        if kind == "inner" or kind is None or v not in counts[kind]:
+            continue
+        updates[k] = counts[kind][v]
+    if not updates:
+        return [], ""
+    new_cfg = getattr(new, "config", None)  # the copy's own config (deep-copied with it, shared by its modules)
+    if new_cfg is None or new_cfg is cfg:
+        return [], "the model's config could not be copied"
+    if head_dim and any(_HEADS.match(k.lower()) for k in updates):
+        new_cfg.head_dim = head_dim  # a head's width stays: keep it explicit once the count changes
+    for k, v in updates.items():
+        setattr(new_cfg, k, v)
+    return [f"config.{k}: {getattr(cfg, k)} -> {v}" for k, v in updates.items()], _describes(new, new_cfg)
+
+
+def _describes(model: nn.Module, cfg: Any) -> str:
+    """'' when ``type(model)(cfg)`` has ``model``'s tensor shapes, else the first difference."""
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(cfg)
+    except Exception as exc:  # noqa: BLE001 - a class that cannot be built from its config alone
+        return f"{type(model).__name__}(config) cannot be built ({type(exc).__name__}: {exc})"
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, v in fresh.state_dict().items():
+        if k in want and tuple(v.shape) != want[k]:
+            return f"a {type(model).__name__} built from the updated config has {k} of shape {tuple(v.shape)}, the " \
+                   f"pruned model {want[k]} (layers pruned to different widths, or a width the config derives)"
+    return ""
+
+
+def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection: Any, traced: fx.GraphModule,
+            rules: RuleTable = RULES) -> Rebuilt:
+    """A copy of ``model`` (its class) with the graph result's weights and consistent attributes."""
+    keep_of = analysis.keep_fn(selection)
+    rw = RewriteContext(traced, None, keep_of, analysis.table.groups_of)
+    state = _named_tensors(graph_module)
+    memo: dict[int, Any] = {}
+    for name, t in _named_tensors(model).items():
+        if name in state:
+            memo.setdefault(id(t), state[name])
+    for name, mod in model.named_modules(remove_duplicate=False):  # tied tensors: every alias, one tensor
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                q = f"{name}.{k}" if name else k
+                if t is not None and q in state:
+                    memo.setdefault(id(t), state[q])
+    new = copy.deepcopy(model, memo)
+    changed = _changed_modules(model, keep_of)
+    graph_mods = dict(graph_module.named_modules())
+    calls: dict[str, list[fx.Node]] = {}
+    for n in traced.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n)
+    attributes: list[str] = []
+    for path in sorted(changed, key=lambda p: -p.count(".")):
+        old = model.get_submodule(path) if path else model
+        cur = new.get_submodule(path) if path else new
+        g = graph_mods.get(path)
+        if g is not None and type(g) is not nn.Module and path in calls:  # fx: the rewrite's own module
+            _set_module(new, path, g)
+            continue
+        rule = rules.module_rule(old)
+        if rule is not None:
+            fixed = rule.fix_module(cur, old, path, rw, calls.get(path, ()))
+            if fixed is not cur:
+                _set_module(new, path, fixed)
+        else:
+            attributes += [f"{path}.{a}" for a in _fix_plain_attributes(cur, old)]
+    attributes += _update_counts(new, model, changed)
+    config, mismatch = _update_config(new, model, changed)
+    new.train(model.training)
+    return Rebuilt(new, attributes, config, mismatch)
+
+
+def second_inputs(args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The example arguments at another size: one more sample in the batch, and one token fewer for
+    integer (token id) and 2-D mask inputs longer than 2."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    out = []
+    seq = all(x.dim() == 2 and x.shape[1] > 2 for x in leaves
+              if isinstance(x, torch.Tensor) and x.dim() >= 2 and not x.is_floating_point()) and any(
+        isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() for x in leaves)
+    for x in leaves:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            x = torch.cat([x, x[:1]])
+            if seq and x.dim() == 2 and not x.is_floating_point():
+                x = x[:, :-1]
+        out.append(x)
+    a, k = pytree.tree_unflatten(out, spec)
+    return tuple(a), k
+
+
+def _outputs(m: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            out = m(*args, **kwargs)
+    finally:
+        m.train(was)
+    return [t for t in pytree.tree_leaves(tensors_only(out, [])) if isinstance(t, torch.Tensor)]
+
+
+def _run(m: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], what: str) -> list[torch.Tensor] | str:
+    try:
+        return _outputs(m, args, kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported as the reason the class copy is not used
+        return f"raised {type(exc).__name__} {what}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def verify_rebuilt(rebuilt: nn.Module, graph_module: nn.Module, args: Sequence[Any],
+                   kwargs: dict[str, Any] | None = None) -> tuple[str, bool]:
+    """('' or what went wrong, whether a second input size was checked): the rebuilt model against the graph
+    result, on the example inputs and on :func:`second_inputs` (when the graph result accepts those).
+    Floating outputs must agree to 1e-4 of their largest magnitude (float32 kernels of one op may differ in
+    summation order between the two forms; a wrong width or head count differs at order 1)."""
+    kwargs = dict(kwargs or {})
+    checked = False
+    for i, (a, k) in enumerate(((tuple(args), kwargs), second_inputs(args, kwargs))):
+        what = "on the example inputs" if i == 0 else "on inputs of another batch/sequence size"
+        ref = _run(graph_module, a, k, what)
+        if isinstance(ref, str):
+            if i == 0:
+                return f"the graph result {ref}", False
+            break  # the graph result is specialised to the example size: nothing to compare against
+        got = _run(rebuilt, a, k, what)
+        if isinstance(got, str):
+            return got, checked
+        scale = max([float(t.abs().max()) for t in ref if t.is_floating_point() and t.numel()] + [1.0])
+        msg = compare_outputs(got, ref, 1e-4, 1e-4 * scale)
+        if msg:
+            return f"differs from the graph result {what}: {msg}", checked
+        checked = i == 1
+    return "", checked
