@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "InputError",
     "TraceError",
+    "RewriteError",
     "UnsupportedOpError",
     "PipelineError",
     "VerificationError",
@@ -46,6 +47,11 @@ class PipelineError(FxpruneError):
 
 class VerificationError(FxpruneError):
     """The pruned module does not match its specification (shapes or the masked reference)."""
+
+
+class RewriteError(VerificationError):
+    """The pruned graph fxprune built does not run on the example inputs the original ran on (a bug, or a size
+    computation no rule models): no model is returned."""
 
 
 class MissingShapeMetaError(FxpruneError, ValueError):

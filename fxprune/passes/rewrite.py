@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import meta
-from ..errors import node_location
+from ..errors import InputError, RewriteError, node_location
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
@@ -102,7 +102,17 @@ def rewrite_graph(
     new_gm.graph.lint()
     new_gm.train(gm.training)
     if example_inputs is not None:
-        propagate_shapes(new_gm, example_inputs)
+        try:
+            propagate_shapes(new_gm, example_inputs)
+        except InputError as exc:  # the original ran on these inputs: the rewrite is inconsistent
+            node = getattr(exc, "node", None)
+            err = RewriteError(
+                f"fxprune built an inconsistent pruned graph (the model itself runs on these inputs); no model is "
+                f"returned. {str(exc).replace('the model fails to run on the example inputs', 'the pruned graph fails', 1)}"
+                "\n  This is an fxprune bug or a size computation no rule models: please report it; "
+                "ignore= the layers involved to prune the rest")
+            err.node = node
+            raise err from exc
     return new_gm
 
 

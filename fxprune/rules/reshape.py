@@ -13,9 +13,10 @@ time as one tuple (``x.reshape(shape + (-1,))``) has no literal to patch: every 
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from .. import meta
 from ..meta import shape_of
 from .base import RULES, Rule, RewriteContext, RuleContext, patch_sizes
 from .calls import Bound, Family, aten_name, aten_overloads, schema_args, set_schema_arg
+from .creation import size_source
 from .heads import match_dims, merge_preference, split_preference
 
 __all__ = ["tie_reshape", "patch_sizes", "ReshapeCall", "ReshapeFamily", "RepeatRule"]
@@ -84,25 +86,78 @@ class ReshapeCall:
     expand: bool = False
 
 
-def _rescale_symbolic(node: fx.Node, old: fx.Node, sizes: list[Any], new_shape: tuple[int, ...]) -> list[Any]:
-    """Sizes computed at run time from a literal (``s1 * 2``: 2 heads per batch item) on a pruned dim: the
-    literal is rescaled (``s1 * 1``). Anything else on a pruned dim is an error (never a silent mismatch)."""
+_SIZE_ARITH = {operator.mul: operator.mul, operator.floordiv: operator.floordiv, operator.add: operator.add,
+               operator.sub: operator.sub}
+
+
+def _new_value(v: Any, rw: RewriteContext, depth: int = 0) -> int | None:
+    """The value a size expression of the traced graph takes in the pruned graph (sizes read from tensors
+    at their pruned sizes), or None when it is not plain size arithmetic."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if not isinstance(v, fx.Node) or depth > 16:
+        return None
+    src = size_source(v)
+    if src is not None:
+        return rw.new_shape(src[0])[src[1]]
+    if v.op == "call_function" and v.target in _SIZE_ARITH and len(v.args) == 2:
+        a, b = (_new_value(x, rw, depth + 1) for x in v.args)
+        return None if a is None or b is None else _SIZE_ARITH[v.target](a, b)
+    return None
+
+
+def _rescaled(node: fx.Node, s: Any, num: int, den: int, depth: int = 0) -> Any:
+    """``s * num / den`` as a graph value, by rescaling one literal factor of the product ``s`` (``s0 * 8 * 7``:
+    8 heads per batch item become 4), or None when no literal factor divides."""
+    if not isinstance(s, fx.Node) or s.target is not operator.mul or len(s.args) != 2 or depth > 8:
+        return None
+    a, b = s.args
+    for lit, other in ((a, b), (b, a)):
+        if isinstance(lit, int) and not isinstance(lit, bool) and (lit * num) % den == 0:
+            with node.graph.inserting_before(node):
+                return node.graph.call_function(operator.mul, (other, lit * num // den))
+    for inner, other in ((a, b), (b, a)):
+        r = _rescaled(node, inner, num, den, depth + 1)
+        if r is not None:
+            with node.graph.inserting_before(node):
+                return node.graph.call_function(operator.mul, (r, other))
+    return None
+
+
+def _rescale_symbolic(node: fx.Node, old: fx.Node, sizes: list[Any], old_sizes: Sequence[Any],
+                      new_shape: tuple[int, ...], rw: RewriteContext, strict: bool) -> list[Any]:
+    """Size entries computed at run time (``sizes``: the new graph's, ``old_sizes``: as traced) on a pruned dim:
+
+    - size arithmetic that already gives the new size (``view(n, c // 2, ...)`` with ``c = y.shape[1]`` pruned
+      alike): kept, it follows the pruning at run time;
+    - a product with a literal factor (``s1 * 2``: 2 heads per batch item; ``s0 * 8 * 7 * 7``): one literal
+      factor is rescaled (``s1 * 1``);
+    - exactly a dim of a tensor that was not pruned alike (edgenext's ``reshape(B, N, C)`` with ``C = x.shape[2]``
+      after its heads, or the input's channels, were pruned): the new size is written as a literal — one of
+      the two dims holds channels, whose count is fixed by the parameters, and the model's own reshape says
+      they are equal, so the traced value was a constant for every input the model accepts.
+
+    Anything else on a pruned dim is an error when ``strict`` (the ATen spelling), else kept (the pruned graph's
+    shape propagation then checks it: never a silent mismatch)."""
     old_shape = shape_of(old)
     out = list(sizes)
     for i, s in enumerate(sizes):
-        if not isinstance(s, fx.Node) or old_shape[i] == new_shape[i]:
+        if not isinstance(s, fx.Node):
             continue
-        lits = [v for v in s.args if isinstance(v, int) and not isinstance(v, bool)]
-        if s.target is operator.mul and len(s.args) == 2 and len(lits) == 1:
-            c = lits[0]
-            if (c * new_shape[i]) % old_shape[i] == 0:
-                other = s.args[0] if isinstance(s.args[1], int) else s.args[1]
-                with node.graph.inserting_before(node):
-                    out[i] = node.graph.call_function(operator.mul, (other, c * new_shape[i] // old_shape[i]))
-                continue
-        raise NotImplementedError(
-            f"{old.name}: size {i} is computed at run time ({s.format_node()}) and its dim was pruned "
-            f"({old_shape[i]} -> {new_shape[i]}); fxprune cannot rewrite that expression")
+        o = old_sizes[i] if i < len(old_sizes) else None
+        v = _new_value(o, rw)
+        if v == new_shape[i] or (v is None and old_shape[i] == new_shape[i]):
+            continue  # follows the pruning at run time (or is not size arithmetic, on a dim that kept its size)
+        num, den = (new_shape[i], v) if v else (new_shape[i], old_shape[i])
+        g = math.gcd(num, den)
+        r = _rescaled(node, s, num // g, den // g)
+        if r is None and size_source(o) is not None:
+            r = new_shape[i]
+        if r is None and strict:
+            raise NotImplementedError(
+                f"{old.name}: size {i} is computed at run time ({s.format_node()}) and its dim was pruned "
+                f"({old_shape[i]} -> {new_shape[i]}); fxprune cannot rewrite that expression")
+        out[i] = s if r is None else r
     return out
 
 
@@ -137,9 +192,11 @@ class ReshapeFamily(Family):
             new = new[d : d + len(call.sizes)]
         new_sizes = _live(node, call)
         patched = patch_sizes(tuple(new_sizes), tuple(new))
+        if not call.expand and kind != "unflatten":
+            patched = type(patched)(_rescale_symbolic(node, old, list(patched), tuple(call.sizes), tuple(new), rw,
+                                                      strict=kind == "schema"))
         if kind == "schema":
-            patched = list(patched) if call.expand else _rescale_symbolic(node, old, list(patched), tuple(new))
-            set_schema_arg(node, key, patched)
+            set_schema_arg(node, key, list(patched))
         elif kind == "unflatten" and aten_name(old):
             set_schema_arg(node, key, list(patched))
         elif kind == "unflatten":

@@ -26,6 +26,32 @@ def ex_sdpa() -> Example:
     return M(), (torch.randn(2, 5, 6),)
 
 
+def ex_channel_attention() -> Example:
+    class M(nn.Module):
+        """edgenext's cross-covariance attention: a channel x channel attention map per head, and the merged
+        heads reshaped back with a width read from the *input* at run time (``C = x.shape[2]``), which the
+        rewrite writes as the new literal once heads are pruned; ``B * heads`` merged into the batch dim
+        (a product with a literal factor: rescaled)."""
+
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 8)
+            self.qkv = nn.Linear(8, 24)
+            self.temperature = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+            self.proj = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.inp(x)
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, 4, -1).permute(2, 0, 3, 4, 1).unbind(0)
+            att = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+            y = att.softmax(-1) @ v
+            y = y.reshape(b * 4, -1, n).reshape(b, -1, n)  # heads into the batch and back
+            return self.proj(y.permute(0, 2, 1).reshape(b, n, c))
+
+    return M(), (torch.randn(2, 5, 5),)
+
+
 def ex_matmul() -> Example:
     class M(nn.Module):
         def __init__(self):

@@ -121,6 +121,12 @@ def ex_index_put():
     return static(M()), img()
 
 
+def ex_channel_attention():
+    """(exported with dynamic sizes: ``B * 4`` is a symbolic product with a literal factor)"""
+    model, inputs = attention.ex_channel_attention()
+    return ExportOnly(model), inputs
+
+
 def ex_fill():
     class M(nn.Module):
         """T5-style: a zero position bias with a literal channel count (patched when the channels are pruned),
