@@ -18,7 +18,7 @@ import gc
 import logging
 import time
 import types
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -38,7 +38,7 @@ from .prepare import prepare, prepare_with_note
 from .restore import rebuild, verify_rebuilt
 from .result import CompileResult, Report, build_report
 from .rules import RULES, Rule, RuleTable
-from .structured import flat_view, structured
+from .structured import FlatBatches, flat_view, structured
 from .trace import normalize_inputs
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ def compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions | 
     return _keep_class(model, res, inputs, options)
 
 
-def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], options: CompileOptions) -> CompileResult:
+def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], options: CompileOptions,
+                kwargs: dict[str, Any] | None = None) -> CompileResult:
     """``res`` with ``module`` = a verified copy of the user's own class (:mod:`fxprune.restore`), unless
     ``result="graph"``; when the copy cannot be made or does not match the graph result, the graph result
     stays (``result="auto"``, with the reason in the report) or a VerificationError is raised (``"class"``)."""
@@ -185,7 +186,7 @@ def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], opt
     t0 = time.perf_counter()
     try:
         rb = rebuild(model, res.graph_module, res.analysis, res.selection, res.original, options.rule_table)
-        why, second = verify_rebuilt(rb.module, res.graph_module, args)
+        why, second = verify_rebuilt(rb.module, res.graph_module, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the graph result, say why
         rb, why, second = None, f"could not be made ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", False
     if why or rb is None:
@@ -226,34 +227,51 @@ def _opaque_function(exc: Exception) -> str | None:
 
 
 def _structured_args(example_inputs: Any) -> bool:
-    """Whether the example arguments hold containers (a list of images, a dict of features...)."""
+    """Whether the example arguments are keyword arguments (a mapping: ``{"input_ids": ..., "attention_mask":
+    ...}``, a tokenizer's ``BatchEncoding``) or hold containers (a list of images, a dict of features...) or
+    constants (``None`` for an optional argument)."""
+    if isinstance(example_inputs, Mapping):
+        return True
     if not isinstance(example_inputs, (tuple, list)):
         return False
-    return any(isinstance(x, (tuple, list, dict)) for x in example_inputs)
+    return any(isinstance(x, (tuple, list, dict, Mapping)) or not isinstance(x, torch.Tensor) for x in example_inputs)
+
+
+#: argument values a captured graph can bake in as constants
+_CONSTANT = (type(None), bool, int, float, str)
 
 
 def _compile_structured(model: nn.Module, example_inputs: Any, options: CompileOptions,
                         why: Exception | None = None) -> CompileResult:
-    """Arguments with containers are flattened for capture and the result takes them structured again;
-    ``frontend="hierarchical"`` (or ``"auto"`` when whole-model capture fails) prunes capturable regions."""
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    leaves, spec = pytree.tree_flatten((args, {}))
-    bad = [type(x).__name__ for x in leaves if not isinstance(x, torch.Tensor)]
-    if bad or not leaves:
-        raise InputError(f"example_inputs may hold tensors in tuples, lists and dicts only; found {', '.join(bad) or 'no tensor'}")
-    if options.frontend == "hierarchical":
+    """Keyword arguments and arguments with containers or constants are flattened for capture (constants baked
+    into the graph) and the result takes them structured again; ``frontend="hierarchical"`` (or ``"auto"``
+    when whole-model capture fails) prunes capturable regions."""
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        args, kwargs = (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    bad = [type(x).__name__ for x in leaves if not isinstance(x, (torch.Tensor, *_CONSTANT))]
+    if bad or not any(isinstance(x, torch.Tensor) for x in leaves):
+        raise InputError("example_inputs may hold tensors (and None, numbers, strings and flags, which are baked "
+                         "in) in tuples, lists and dicts only; found " + (
+                             f"{', '.join(bad)} (not a tensor)" if bad else "no tensor"))
+    fixed = {i: x for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)}
+    if options.frontend == "hierarchical" or why is not None:
+        if kwargs or fixed:
+            raise (why if isinstance(why, FxpruneError) else InputError(
+                "the hierarchical front end takes positional tensor arguments (and containers of them) only; pass "
+                "the example inputs positionally, without None or constants"))
         return compile_hierarchical(model, args, options, compile, why=why)
-    is_structured = _structured_args(args)
-    target = flat_view(model, spec, len(leaves)) if is_structured else model
+    tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
+    target = flat_view(model, spec, len(leaves), fixed)
     front = "whole" if options.frontend == "auto" else options.frontend
+    calib = None if options.calib is None else FlatBatches(options.calib, spec, fixed, bool(kwargs))
     try:
-        res = compile(target, tuple(leaves), options=options.replace(
-            frontend=front, result="graph" if is_structured else options.result))
+        res = compile(target, tensors, options=options.replace(frontend=front, result="graph", calib=calib))
     except TraceError as exc:
         if options.frontend != "auto":
             raise
-        return compile_hierarchical(model, args, options, compile, why=exc)
-    if is_structured:
-        res.module = res.graph_module = structured(res.module, spec, "")
-        res = _keep_class(model, res, args, options)
-    return res
+        return _compile_structured(model, example_inputs, options.replace(frontend="hierarchical"), why=exc)
+    res.module = res.graph_module = structured(res.module, spec, "", fixed)
+    return _keep_class(model, res, args, options, kwargs)

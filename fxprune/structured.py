@@ -11,7 +11,7 @@ pruned GraphModule that takes the original structure again (a call with another 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch.fx as fx
 from torch import nn
@@ -19,27 +19,63 @@ from torch.utils import _pytree as pytree
 
 from .errors import InputError
 
-__all__ = ["flat_view", "StructuredGraphModule", "structured", "carry_attributes", "preserve", "rebuild_structured"]
+__all__ = ["flat_view", "FlatBatches", "StructuredGraphModule", "structured", "carry_attributes", "preserve", "rebuild_structured"]
 
 _PLAIN_SKIP = {"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
 
 
-def flat_view(module: nn.Module, spec: pytree.TreeSpec, n: int) -> nn.Module:
-    """A shallow view of ``module`` whose ``forward`` takes the ``n`` flattened tensor leaves of ``spec``.
+def flat_view(module: nn.Module, spec: pytree.TreeSpec, n: int, fixed: dict[int, Any] | None = None) -> nn.Module:
+    """A shallow view of ``module`` whose ``forward`` takes the flattened tensor leaves of ``spec`` (``n``
+    leaves in all; those in ``fixed`` are constants baked in: ``None`` for an optional argument, a flag).
 
     It shares the module's children and parameters (so names are unchanged) and is only traced, never run
     by the user."""
     cls = type(module)
-    names = [f"leaf{i}" for i in range(n)]
+    fixed = dict(fixed or {})
+    free = [i for i in range(n) if i not in fixed]
+    names = [f"leaf{i}" for i in free]
     src = (f"def forward(self, {', '.join(names)}):\n"
-           f"    args, kwargs = _unflatten([{', '.join(names)}], _spec)\n"
+           f"    args, kwargs = _unflatten(_fill([{', '.join(names)}]), _spec)\n"
            f"    return _forward(self, *args, **kwargs)\n")
-    scope: dict[str, Any] = {"_unflatten": pytree.tree_unflatten, "_spec": spec, "_forward": cls.forward}
+
+    def fill(values: list[Any]) -> list[Any]:
+        out, it = [], iter(values)
+        for i in range(n):
+            out.append(fixed[i] if i in fixed else next(it))
+        return out
+
+    scope: dict[str, Any] = {"_unflatten": pytree.tree_unflatten, "_spec": spec, "_forward": cls.forward, "_fill": fill}
     exec(compile(src, f"<fxprune flattened call of {cls.__name__}>", "exec"), scope)  # noqa: S102
     view_cls = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
     view = copy.copy(module)
     view.__class__ = view_cls
     return view
+
+
+class FlatBatches:
+    """Calibration batches given in the example's structure (a dict of ``input_ids`` and ``attention_mask``
+    per batch, a tokenizer's ``BatchEncoding``, a tuple with ``None``), yielded as the tuples of tensor leaves
+    the captured graph takes. Re-iterable when ``data`` is; a batch of another structure is an InputError."""
+
+    def __init__(self, data: Any, spec: pytree.TreeSpec, fixed: dict[int, Any], keyword: bool) -> None:
+        self.data, self.spec, self.fixed, self.keyword = data, spec, fixed, keyword
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Any:
+        for i, batch in enumerate(self.data):
+            if self.keyword:
+                if not isinstance(batch, Mapping):
+                    raise InputError(f"calibration batch {i} is a {type(batch).__name__}; the example inputs are "
+                                     "keyword arguments, so each batch must be a mapping with the same keys")
+                call: Any = ((), dict(batch))
+            else:
+                call = (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,), {})
+            leaves, spec = pytree.tree_flatten(call)
+            if spec != self.spec:
+                raise InputError(f"calibration batch {i} is structured as {spec}, the example inputs as {self.spec}")
+            yield tuple(x for j, x in enumerate(leaves) if j not in self.fixed)
 
 
 class StructuredGraphModule(fx.GraphModule):
@@ -51,9 +87,14 @@ class StructuredGraphModule(fx.GraphModule):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.fxprune_in_spec:
-            raise InputError(f"{self.fxprune_region or 'region'} was pruned for calls structured as "
+            raise InputError(f"{self.fxprune_region or 'the model'} was pruned for calls structured as "
                              f"{self.fxprune_in_spec}, got {spec}")
-        return super().__call__(*leaves)
+        fixed = getattr(self, "fxprune_fixed", None) or {}
+        for i, v in fixed.items():
+            if not (leaves[i] is v or (type(leaves[i]) is type(v) and leaves[i] == v)):
+                raise InputError(f"{self.fxprune_region or 'the model'}: argument leaf {i} was {v!r} when the graph "
+                                 f"was captured (baked in as a constant), got {leaves[i]!r}")
+        return super().__call__(*[x for i, x in enumerate(leaves) if i not in fixed])
 
     def __reduce__(self) -> Any:
         fn, args = super().__reduce__()  # a plain GraphModule holding our attributes; rebuilt as this class
@@ -76,13 +117,16 @@ def preserve(gm: fx.GraphModule, name: str, value: Any) -> None:
     setattr(gm, name, value)
 
 
-def structured(gm: fx.GraphModule, spec: pytree.TreeSpec, region: str) -> StructuredGraphModule:
+def structured(gm: fx.GraphModule, spec: pytree.TreeSpec, region: str,
+               fixed: dict[int, Any] | None = None) -> StructuredGraphModule:
     new = StructuredGraphModule(gm, gm.graph, type(gm).__name__)
     new.meta.update(gm.meta)
     for k, v in dict(gm.meta.get(PRESERVED, {})).items():
         preserve(new, k, v)
     preserve(new, "fxprune_in_spec", spec)
     preserve(new, "fxprune_region", region)
+    if fixed is not None or not hasattr(new, "fxprune_fixed"):
+        preserve(new, "fxprune_fixed", dict(fixed or {}))
     new.train(gm.training)
     return new
 

@@ -329,11 +329,23 @@ def test_bad_options_fail_before_any_work(kwargs, err, match, monkeypatch):
 
 
 @pytest.mark.parametrize("inputs, match", [
-    ([1, 2], "not a tensor"), ("x", "tensor"), ((), "empty"), ({"x": img()}, "tensor"),
+    ([1, 2], "no tensor"), ("x", "tensor"), ((), "empty"), ({"x": [object()]}, "tensor"),
 ])
 def test_non_tensor_inputs(inputs, match):
     with pytest.raises(fxprune.InputError, match=match):
         fxprune.compile(Counting(), inputs, ratio=0.5)
+
+
+def test_keyword_example_inputs():
+    """A mapping is keyword arguments (a tokenizer's BatchEncoding); calibration batches then are mappings too."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = img()
+    res = fxprune.compile(model, {"x": x}, ratio=0.5, importance="thinet", calib=[{"x": img()} for _ in range(2)])
+    assert type(res.module) is Counting and res.module.a.out_channels == 4
+    assert torch.equal(res.module(x=x), res.graph_module(x=x))
+    with pytest.raises(fxprune.InputError, match="mapping"):
+        fxprune.compile(model, {"x": x}, ratio=0.5, importance="thinet", calib=[(img(),)])
 
 
 def test_model_that_fails_on_the_inputs():

@@ -267,8 +267,13 @@ def test_structured_example_inputs_on_the_whole_graph_path():
     assert not res.regions and res.module.a.out_features == 5
     out = res.module({"x": torch.randn(2, 6), "y": torch.randn(2, 4)})
     assert out.shape == (2, 3)
-    with pytest.raises(InputError, match="tensors in tuples, lists and dicts"):
-        fxprune.compile(model, ({"x": batch["x"], "n": 3},), ratio=0.5)
+    with pytest.raises(InputError, match="in tuples, lists and dicts only; found object"):
+        fxprune.compile(model, ({"x": batch["x"], "n": object()},), ratio=0.5)
+    # a constant leaf (None, a number, a flag) is baked into the graph: the graph result insists on it
+    res = fxprune.compile(model, ({**batch, "n": 3},), ratio=0.5, result="graph")
+    assert res.module({"x": batch["x"], "y": batch["y"], "n": 3}).shape == (5, 3)
+    with pytest.raises(InputError, match="baked in"):
+        res.module({"x": batch["x"], "y": batch["y"], "n": 4})
 
 
 def test_torchvision_detector_keeps_its_head_contracts():

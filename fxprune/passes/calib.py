@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
-from tqdm.auto import tqdm
 
 from .. import meta
+from ..progress import progress as show_progress
 from .calib_stats import Site, SiteStats, all_reduce_, build_site, distributed
 from ..errors import ConfigError, FxpruneError, InputError, node_location
 from ..ir import ChannelGroup, ParamSlice, member_units
@@ -108,10 +107,13 @@ def check_batch(batch: Any, example: Sequence[torch.Tensor], index: int) -> tupl
     for j, (x, ex) in enumerate(zip(items, example, strict=True)):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"calibration batch {index}, input {j} is a {type(x).__name__}, not a tensor")
-        if x.dim() != ex.dim() or tuple(x.shape[1:]) != tuple(ex.shape[1:]) or x.shape[0] < 1:
+        # token ids and masks may have another length than the example's (the graph checks it accepts them)
+        if x.dim() != ex.dim() or x.shape[0] < 1 or (
+                x.is_floating_point() and tuple(x.shape[1:]) != tuple(ex.shape[1:])):
             raise InputError(
                 f"calibration batch {index}, input {j} has shape {tuple(x.shape)}; expected "
                 f"(batch, {', '.join(map(str, ex.shape[1:]))}) like example_inputs[{j}] {tuple(ex.shape)}"
+                + ("" if x.is_floating_point() else " (or another length)")
             )
         if x.is_floating_point() != ex.is_floating_point():
             raise InputError(f"calibration batch {index}, input {j} has dtype {x.dtype}; example_inputs[{j}] "
@@ -124,12 +126,6 @@ def check_batch(batch: Any, example: Sequence[torch.Tensor], index: int) -> tupl
     return tuple(out)
 
 
-def _bar_disabled(progress: bool | None) -> bool:
-    if progress is None:
-        return not sys.stderr.isatty()
-    return not progress
-
-
 def calibration_batches(ctx: Context, progress: bool | None = None, desc: str = "calibration"
                         ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Validated batches of ``ctx.calib`` (see the module docstring). Raises on an empty iterable unless
@@ -137,7 +133,7 @@ def calibration_batches(ctx: Context, progress: bool | None = None, desc: str = 
     data = _source(ctx)
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     n = 0
-    with tqdm(total=total, desc=desc, disable=_bar_disabled(progress), leave=False) as bar:
+    with show_progress(total, desc, enabled=progress) as bar:
         for batch in data:
             yield check_batch(batch, ctx.example_inputs, n)
             n += 1

@@ -44,17 +44,16 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import meta
+from ..progress import progress as show_progress
 from .calib import activations
 from ..errors import ConfigError, InputError
 from ..ir import ChannelGroup, ChannelRef, member_units
@@ -168,6 +167,14 @@ def _floats(x: Any) -> list[torch.Tensor]:
     return []
 
 
+def _counted(it: Iterable[Batch], desc: str, total: int | None, enabled: bool | None) -> Iterator[Batch]:
+    """``it`` with a progress bar (a terminal) or progress lines (a log)."""
+    with show_progress(total, desc, enabled=enabled) as bar:
+        for b in it:
+            yield b
+            bar.update(1)
+
+
 class _Probe(fx.Interpreter):
     """Runs a graph and adds a zero tensor ``eps`` (requires grad) to every wanted node output, so that
     ``∂L/∂eps`` is the gradient at that activation; the activation's value is copied before later ops
@@ -256,8 +263,7 @@ class _GradientImportance(ImportancePass):
         dtype = torch.float64 if self.float64 else None
         it = calib_batches(ctx.calib, tuple(ctx.example_inputs), labels=self._labelled, limit=self.batches,
                            owner=type(self).__name__, dtype=dtype)
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
-        return iter(tqdm(it, desc=type(self).__name__, total=self.batches, disable=not show, leave=False))
+        return _counted(it, type(self).__name__, self.batches, self.progress)
 
     def _loss(self, out: Any, target: Any, k: int) -> torch.Tensor:
         fn = _resolve_loss(self.loss_fn)
