@@ -610,3 +610,23 @@ def test_reshape_to_a_shape_computed_at_run_time_is_kept():
     assert res.module.get_submodule("b").out_channels == 8  # feeds the run-time reshape: kept
     assert any("computed at run time" in why for _, why in res.report.blocked)
     assert res.module(x).shape == model(x).shape
+
+
+def test_result_class_refuses_a_forward_that_hard_codes_a_pruned_size():
+    class HardCoded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 8)
+            self.b = nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.a(x).view(x.shape[0], 2, 4)  # 8 channels as 2 x 4, written as literals
+            return self.b(y.flatten(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5)
+    auto = fxprune.compile(HardCoded(), x, ratio=0.5)
+    assert auto.report.form == "GraphModule" and auto.module is auto.graph_module
+    assert "could not be kept" in str(auto.report)
+    with pytest.raises(fxprune.VerificationError, match="could not be kept"):
+        fxprune.compile(HardCoded(), x, ratio=0.5, result="class")
