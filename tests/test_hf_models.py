@@ -230,3 +230,65 @@ def test_result_graph_and_class_forms():
     assert isinstance(g.module, torch.fx.GraphModule) and g.report.form == "GraphModule"
     with pytest.raises(fxprune.ConfigError, match="result"):
         fxprune.compile(model, (ids(1, 8),), ratio=0.5, result="hf")
+
+
+# -- the command line on hf:PATH models ---------------------------------------------------------------------
+
+TEXT = ("the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat and the bird sings "
+        "a song about the river that runs past the old mill near the green hill where children play ") * 20
+
+
+def _hf_dir(tmp_path, weights: bool = True):
+    """A small Llama saved with save_pretrained, with a word-level tokenizer made from TEXT (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted(set(TEXT.split()))
+    tok = Tokenizer(models.WordLevel({w: i + 2 for i, w in enumerate(words)} | {"<pad>": 0, "<unk>": 1}, "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    model = make("llama")
+    d = tmp_path / "llama"
+    if weights:
+        model.save_pretrained(d)
+    else:
+        d.mkdir()
+        model.config.save_pretrained(d)
+    fast.save_pretrained(d)
+    (tmp_path / "text.txt").write_text(TEXT)
+    return d, model
+
+
+def test_cli_prunes_an_hf_directory_with_text_calibration(tmp_path, capsys):
+    from fxprune.cli import main
+
+    d, model = _hf_dir(tmp_path)
+    out = tmp_path / "out"
+    code = main(["prune", f"hf:{d}", "--input-ids", "1,12", "--ratio", "0.5", "--importance", "thinet",
+                 "--reconstruct", "lstsq", "--calib", f"text:{tmp_path / 'text.txt'}", "--calib-batches", "2",
+                 "--calib-batch-size", "4", "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "result: class LlamaForCausalLM" in text and "save_pretrained" in text
+    back = type(model).from_pretrained(out / "hf").eval()
+    assert back.config.intermediate_size == 64 and back.config.num_key_value_heads == 1
+    assert back.generate(ids(1, 4), max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
+    assert transformers.AutoTokenizer.from_pretrained(out / "hf")("the quick fox")["input_ids"]
+    loaded = fxprune.load(out / "model.pt", type(model).from_pretrained(d))
+    x = ids(2, 9, 15)
+    torch.testing.assert_close(logits(loaded(x)), logits(back(x)), rtol=0, atol=0)
+
+
+def test_cli_hf_errors_speak_in_flags(tmp_path, capsys):
+    from fxprune.cli import main
+
+    d, _ = _hf_dir(tmp_path, weights=False)  # config only: random weights
+    code = main(["prune", f"hf:{d}", "--ratio", "0.5", "--importance", "thinet", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--calib" in err and "calib=" not in err
+    code = main(["prune", "torchvision:resnet18", "--input-ids", "1,8", "--ratio", "0.5", "--out", str(tmp_path)])
+    assert code == 2 and "--input-ids is for hf:PATH" in capsys.readouterr().err
+    code = main(["inspect", f"hf:{d}", "--brief"])
+    assert code == 0 and "LlamaForCausalLM" not in capsys.readouterr().err
+    code = main(["bench", f"hf:{d}", "--input-ids", "2,8", "--batch", "2", "--ratio", "0.5", "--repeats", "2",
+                 "--warmup", "1", "--unknown-ops", "block", "--no-progress"])
+    assert code == 0 and "| ratio 0.5 |" in capsys.readouterr().out
