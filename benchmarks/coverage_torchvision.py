@@ -117,7 +117,7 @@ def _render(rows: list[dict[str, Any]], args, elapsed: float) -> str:
     failed = [r for r in rows if r["status"] != "ok"]
     ok_rows = [r for r in rows if r["status"] == "ok"]
     lines = [
-        f"# fxprune coverage over torchvision classification models",
+        "# fxprune coverage over torchvision classification models",
         "",
         f"`fxprune.compile(model, (x,), importance={IMPORTANCE!r}, ratio={RATIO}, verify=\"equivalence\")`, "
         f"random weights, eval mode, randomised norm layers, batch 1, input {args.size}x{args.size} "

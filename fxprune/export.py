@@ -201,10 +201,57 @@ def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str |
     graph.output(result)
     graph.eliminate_dead_code()
     gm = fx.GraphModule(unlifted, graph, name or type(model).__name__)
-    if _inline_autocast_off(gm):
+    if _inline_autocast_off(gm) + _fills_on_tensors(gm):
         gm.recompile()
     gm.graph.lint()
     return gm
+
+
+_FILLS = {"zeros": "new_zeros", "ones": "new_ones", "full": "new_full", "empty": "new_empty"}
+
+
+def _fills_on_tensors(gm: fx.GraphModule) -> int:
+    """Spell a fill whose size list starts with a literal and holds run-time sizes (``zeros([1, 2, s, t])``,
+    T5's position bias) as ``new_zeros`` on the tensor a size is read from, with the fill's own dtype,
+    device and layout. Same values; but torch cannot re-trace the first spelling (a GraphModule unpickles by
+    re-tracing its code, and ATen's ``SymInt[]`` parser rejects a proxy after a literal), so without this
+    ``torch.load`` of a saved result fails."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        name = getattr(getattr(node.target, "_schema", None), "name", "")
+        new_name = _FILLS.get(name.removeprefix("aten::"))
+        if node.op != "call_function" or new_name is None or not node.args:
+            continue
+        size = node.args[0]
+        if not isinstance(size, (list, tuple)) or not size or isinstance(size[0], fx.Node) or \
+                not any(isinstance(e, fx.Node) for e in size):
+            continue
+        ref, kwargs = _size_tensor(size), dict(node.kwargs)
+        if kwargs.pop("memory_format", None) not in (None, torch.contiguous_format) or ref is None:
+            continue
+        if kwargs.get("dtype") is None:  # what the fill itself would have made, not the reference's dtype
+            fill = node.args[1] if new_name == "new_full" else 0.0
+            kwargs["dtype"] = torch.tensor(fill).dtype if not isinstance(fill, float) else torch.get_default_dtype()
+        node.target = getattr(torch.ops.aten, new_name).default
+        node.args = (ref, list(size), *node.args[1:])
+        node.kwargs = kwargs
+        done += 1
+    return done
+
+
+def _size_tensor(size: Sequence[Any]) -> fx.Node | None:
+    """The tensor whose ``sym_size`` one of the ``size`` entries reads (through any size arithmetic)."""
+    todo = [e for e in size if isinstance(e, fx.Node)]
+    seen: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and "sym_size" in str(n.target) and isinstance(n.args[0], fx.Node):
+            return n.args[0]
+        todo.extend(n.all_input_nodes)
+    return None
 
 
 def _inline_autocast_off(gm: fx.GraphModule) -> int:

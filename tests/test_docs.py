@@ -62,7 +62,7 @@ def test_cli_commands_in_docs_parse():
     seen = 0
     for page in PAGES:
         for _, src, _ in blocks(page, "bash"):
-            for ln in src.splitlines():
+            for ln in src.replace("\\\n", " ").splitlines():  # continuation lines join
                 ln = ln.split("#", 1)[0].strip()
                 if ln.startswith("fxprune "):
                     args = parser.parse_args(shlex.split(ln)[1:])

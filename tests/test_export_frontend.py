@@ -384,3 +384,28 @@ def test_tensor_split_on_the_export_path():
                           verify="equivalence")
     assert res.module.get_parameter("a.weight").shape[0] < 12
     assert res.module(torch.randn(1, 3, 5, 5)).shape == (1, 4, 5, 5)
+
+
+class _LiteralFirstFill(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        z = torch.zeros(1, x.shape[1], 8) + torch.full((1, x.shape[0], 8), 2.0)[:, :1]
+        return self.fc(x) + z + torch.ones(1, x.shape[1], 1, dtype=torch.long)
+
+
+def test_fill_with_literal_then_runtime_sizes_pickles(tmp_path):
+    """torch re-traces a GraphModule's code to unpickle it, and ATen's size parser rejects [1, proxy, 8]:
+    such fills are captured as new_zeros/new_full/new_ones on a tensor, with the fill's own dtype."""
+    torch.manual_seed(0)
+    model = _LiteralFirstFill().eval()
+    x = torch.randn(2, 5, 8)
+    res = fxprune.compile(model, (x,), ratio=0.0, frontend="export", result="graph")
+    torch.save(res.module, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    x2 = torch.randn(3, 7, 8)
+    out = back(x2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, model(x2), rtol=0, atol=0)

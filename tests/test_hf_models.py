@@ -41,6 +41,10 @@ def make(name: str) -> torch.nn.Module:
     if name == "t5":
         return T.T5ForConditionalGeneration(T.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                                        num_heads=4, decoder_start_token_id=0)).eval()
+    if name == "bart":
+        return T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64)).eval()
     if name == "vit":
         return T.ViTModel(T.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64,
                                       num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)).eval()
@@ -195,6 +199,22 @@ def test_t5_encoder_decoder_prunes_every_attention_and_generates():
     d = ids(2, 5, 13)
     torch.testing.assert_close(pm(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=d).logits,
                                res.graph_module(x, torch.ones_like(x), d)["logits"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoder_results_round_trip_through_torch_save(name, tmp_path):
+    model = make(name)
+    x, d = ids(2, 8, 3), ids(2, 5, 4)
+    res = fxprune.compile(model, {"input_ids": x, "decoder_input_ids": d}, ratio=0.5)
+    assert type(res.module) is type(model) and res.report.groups_pruned >= 6
+    x2, d2 = ids(3, 6, 5), ids(3, 4, 6)  # other batch and lengths than the capture
+    for form in ("module", "graph_module"):
+        torch.save(getattr(res, form), tmp_path / f"{form}.pt")
+        back = torch.load(tmp_path / f"{form}.pt", weights_only=False)
+        want, got = (m(input_ids=x2, decoder_input_ids=d2) for m in (getattr(res, form), back))
+        torch.testing.assert_close(logits(got), logits(want), rtol=0, atol=0)
+    out = res.module.generate(x, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 2
 
 
 def test_t5_accepts_none_for_optional_inputs():
