@@ -21,6 +21,8 @@ from .errors import (
     TraceError,
     UnsupportedOpError,
     VerificationError,
+    ShortfallError,
+    FxpruneWarning,
 )
 from .flops import Cost, count_cost
 from .ir import ChannelGroup, ChannelRef, Constraint, Explicit, ParamSlice, Selection, Span
@@ -52,6 +54,8 @@ __all__ = [
     "register_module_rule", "register_function_rule", "register_method_rule",
     "FxpruneError", "ConfigError", "InputError", "TraceError", "UnsupportedOpError", "PipelineError",
     "VerificationError",
+    "ShortfallError",
+    "FxpruneWarning",
     "Cost", "count_cost",
     "Span", "Explicit", "ChannelRef", "ParamSlice", "Constraint", "ChannelGroup", "Selection",
     "PrunedMultiheadAttention",

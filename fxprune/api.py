@@ -18,6 +18,7 @@ import gc
 import logging
 import time
 import types
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -26,7 +27,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import meta
-from .errors import FxpruneError, InputError, TraceError, UnsupportedOpError, VerificationError
+from .errors import (FxpruneError, FxpruneWarning, InputError, ShortfallError, TraceError, UnsupportedOpError,
+                     VerificationError)
 from .flops import count_cost
 from .hierarchical import compile_hierarchical
 from .ir import Selection
@@ -39,7 +41,7 @@ from .restore import rebuild, verify_rebuilt
 from .result import CompileResult, Report, build_report
 from .rules import RULES, Rule, RuleTable
 from .structured import FlatBatches, flat_view, structured
-from .trace import normalize_inputs
+from .trace import check_model_state, normalize_inputs
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,51 @@ def compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions | 
     ``absorb`` (default True): a removed channel whose output is structurally a constant (BatchNorm γ = 0,
     all-zero filter) has that constant folded into its consumers' biases, so removing it is exact
     (see :mod:`fxprune.passes.absorb`); it changes nothing for any other channel.
+    When the result does materially less than asked (nothing pruned at ``ratio > 0``, a criterion that could
+    not score groups, a refit that did not run, an equivalence check skipped) a :class:`FxpruneWarning` is
+    issued and the report's first line says what; ``strict=True`` raises :class:`ShortfallError` instead.
     """
+    if options is None:
+        options = CompileOptions(**kwargs)
+    elif kwargs:
+        options = options.replace(**kwargs)
+    check_model_state(model)
+    return _shortfall(_compile(model, example_inputs, options=options), options)
+
+
+def _asks_pruning(options: CompileOptions) -> bool:
+    """Whether the options ask for channels to go whatever their scores (a ratio or a MACs target; a
+    threshold may rightly find nothing under it)."""
+    if options.pipeline is not None:
+        return False
+    return bool(options.ratio) or options.target_macs is not None or any(v > 0 for v in options.ratios.values())
+
+
+def _shortfall(res: CompileResult, options: CompileOptions) -> CompileResult:
+    """Warn (or raise, ``strict=True``) when ``res`` did materially less than ``options`` asked."""
+    r = res.report
+    found = list(r.shortfall)
+    if _asks_pruning(options) and r.groups_pruned == 0:
+        pinned = [g for g in res.groups if g.blocked]
+        why = f", e.g. the group at {pinned[0].root} ({pinned[0].blocked})" if pinned else ""
+        found.insert(0, f"nothing pruned: 0 of {r.groups_total} channel groups, {len(pinned)} of them cannot be "
+                        f"pruned{why}")
+    elif options.pipeline is None and (options.ratio or 0) >= 0.2 and \
+            r.params_after > r.params_before * (1 - 0.1 * options.ratio):
+        found.insert(0, f"ratio={options.ratio:g} removed only {1 - r.params_after / max(r.params_before, 1):.1%} "
+                        f"of the parameters ({r.groups_pruned} of {r.groups_total} channel groups pruned)")
+    if not found:
+        return res
+    found = list(dict.fromkeys(found))
+    if options.strict:
+        raise ShortfallError("the compile did less than asked (strict=True):\n  " + "\n  ".join(found))
+    warnings.warn("fxprune did less than asked: " + "; ".join(found), FxpruneWarning, stacklevel=4)
+    res.report = dataclasses.replace(r, shortfall=tuple(found))
+    return res
+
+
+def _compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions | None = None,
+            **kwargs: Any) -> CompileResult:
     t0 = time.perf_counter()
     # -- validate everything before any work --------------------------------------------------------
     if not isinstance(model, nn.Module):
@@ -149,7 +195,7 @@ def compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions | 
         # traces through it into ATen ops, which have rules
         log.info("%s on the fx path; capturing with torch.export instead", fn)
         try:
-            res = compile(model, example_inputs, options=options.replace(frontend="export"))
+            res = _compile(model, example_inputs, options=options.replace(frontend="export"))
         except FxpruneError as exc2:
             exc.add_note(f"fxprune also tried the torch.export front end (which traces through {fn}): "
                          f"{type(exc2).__name__}: {str(exc2).splitlines()[0]}")
@@ -262,13 +308,13 @@ def _compile_structured(model: nn.Module, example_inputs: Any, options: CompileO
             raise (why if isinstance(why, FxpruneError) else InputError(
                 "the hierarchical front end takes positional tensor arguments (and containers of them) only; pass "
                 "the example inputs positionally, without None or constants"))
-        return compile_hierarchical(model, args, options, compile, why=why)
+        return compile_hierarchical(model, args, options, _compile, why=why)
     tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
     target = flat_view(model, spec, len(leaves), fixed)
     front = "whole" if options.frontend == "auto" else options.frontend
     calib = None if options.calib is None else FlatBatches(options.calib, spec, fixed, bool(kwargs))
     try:
-        res = compile(target, tensors, options=options.replace(frontend=front, result="graph", calib=calib))
+        res = _compile(target, tensors, options=options.replace(frontend=front, result="graph", calib=calib))
     except TraceError as exc:
         if options.frontend != "auto":
             raise

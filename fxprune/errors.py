@@ -21,6 +21,8 @@ __all__ = [
     "PipelineError",
     "VerificationError",
     "MissingShapeMetaError",
+    "ShortfallError",
+    "FxpruneWarning",
     "node_location",
 ]
 
@@ -52,6 +54,16 @@ class VerificationError(FxpruneError):
 class RewriteError(VerificationError):
     """The pruned graph fxprune built does not run on the example inputs the original ran on (a bug, or a size
     computation no rule models): no model is returned."""
+
+
+class ShortfallError(FxpruneError):
+    """``strict=True``: the compile did materially less than asked (nothing pruned, a criterion that could not
+    score, a reconstruction that did not run); the message lists what."""
+
+
+class FxpruneWarning(UserWarning):
+    """fxprune's own warning category: a compile did materially less than asked (``strict=True`` makes it a
+    :class:`ShortfallError`). Filter it with ``warnings.simplefilter("error", fxprune.FxpruneWarning)``."""
 
 
 class MissingShapeMetaError(FxpruneError, ValueError):

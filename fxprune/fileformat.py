@@ -9,6 +9,7 @@ from it. :func:`read_file` checks the header, the version and the checksum; what
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import tempfile
@@ -73,7 +74,7 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 def checksum(body: Mapping[str, Any]) -> str:
     """sha256 over the canonical JSON of every non-tensor field, then each tensor (sorted by name)."""
     h = hashlib.sha256()
-    h.update(canonical({k: v for k, v in body.items() if k not in ("state_dict", "checksum")}))
+    h.update(canonical({k: v for k, v in body.items() if k not in ("state_dict", "checksum", "hmac")}))
     for name in sorted(body["state_dict"]):
         t = body["state_dict"][name]
         h.update(canonical([name, str(t.dtype), list(t.shape)]))
@@ -112,8 +113,28 @@ def graph_fingerprint(gm: fx.GraphModule) -> str:
     return hashlib.sha256(canonical(rows)).hexdigest()
 
 
-def write_file(path: str | os.PathLike, body: dict[str, Any]) -> None:
+def _signature(key: bytes, digest: str) -> str:
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
+
+
+def _check_key(key: Any) -> bytes | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, (bytes, bytearray)) or not key:
+        raise ConfigError(f"key must be non-empty bytes or str (an HMAC secret), got {type(key).__name__}")
+    return bytes(key)
+
+
+def write_file(path: str | os.PathLike, body: dict[str, Any], key: bytes | str | None = None) -> None:
+    """Write ``body`` with its checksum (and, with ``key``, an HMAC-SHA256 of it: tamper evidence for whoever
+    holds the key; the plain checksum only detects damage, anyone can recompute it)."""
+    key = _check_key(key)
+    body.pop("hmac", None)
     body["checksum"] = checksum(body)
+    if key is not None:
+        body["hmac"] = _signature(key, body["checksum"])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -129,11 +150,13 @@ def write_file(path: str | os.PathLike, body: dict[str, Any]) -> None:
         raise
 
 
-def read_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Open an fxprune model file with ``torch.load(weights_only=True)`` and check its format and checksum.
+def read_file(path: str | os.PathLike, key: bytes | str | None = None) -> dict[str, Any]:
+    """Open an fxprune model file with ``torch.load(weights_only=True)`` and check its format and checksum
+    (and, with ``key``, its HMAC: a file saved without that key, or edited since, is refused).
 
     Returns the stored dict (plan, metadata, ``state_dict``); raises :class:`FormatError` on anything else.
     """
+    key = _check_key(key)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such fxprune model file: {path}")
@@ -154,6 +177,13 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     sd = body["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise FormatError(f"{path}: 'state_dict' must map names to tensors")
-    if checksum(body) != body["checksum"]:
+    if checksum({k: v for k, v in body.items() if k != "hmac"}) != body["checksum"]:
         raise FormatError(f"{path} failed its checksum: the file was modified or damaged after it was saved")
+    if key is not None:
+        sig = body.get("hmac")
+        if not isinstance(sig, str):
+            raise FormatError(f"{path} carries no HMAC: it was saved without a key, so it cannot be authenticated")
+        if not hmac.compare_digest(sig, _signature(key, body["checksum"])):
+            raise FormatError(f"{path} failed its HMAC check: it was modified after it was saved, or saved with "
+                              "another key")
     return body

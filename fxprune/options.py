@@ -98,6 +98,8 @@ class CompileOptions:
     sequential: bool = False
     step_callback: Callable[[fx.GraphModule, dict], None] | None = None
     result: str = "auto"
+    #: True: a compile that does materially less than asked raises ShortfallError instead of warning
+    strict: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (normalising a frozen instance)
@@ -112,7 +114,7 @@ class CompileOptions:
             raise ConfigError(f"result must be one of {', '.join(map(repr, RESULT_FORMS))}, got {self.result!r}")
         if self.unknown_ops not in ("error", "block"):
             raise ConfigError(f"unknown_ops must be 'error' or 'block', got {self.unknown_ops!r}")
-        for name in ("global_ranking", "allow_lossy", "absorb", "sequential"):
+        for name in ("global_ranking", "allow_lossy", "absorb", "sequential", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

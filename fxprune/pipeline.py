@@ -66,6 +66,14 @@ class Context:
     calib_cache: list[Any] | None = None
     #: the pipeline being run (a criterion may read the downstream selection's options, e.g. LASSO's count)
     pipeline: "Pipeline | None" = None
+    #: what the compile did materially less of than it was asked (a criterion that could not score, a refit
+    #: that did not run): the report's first line, a FxpruneWarning, an error with ``strict=True``
+    shortfalls: list[str] = field(default_factory=list)
+
+    def shortfall(self, msg: str) -> None:
+        """Record ``msg`` as a note and as a shortfall (see :attr:`shortfalls`)."""
+        self.notes.append(msg)
+        self.shortfalls.append(msg)
 
 
 class Pass:

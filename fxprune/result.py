@@ -53,6 +53,9 @@ class Report:
     uncounted: tuple[str, ...] = ()  # modules the MACs counter has no formula for (MACs are a lower bound)
     #: what ``CompileResult.module`` is: "class LlamaForCausalLM" (the user's class, rebuilt) or "GraphModule"
     form: str = ""
+    #: what the compile did materially less of than asked (nothing pruned, a criterion that could not score,
+    #: a refit that did not run); non-empty means a FxpruneWarning was issued and the first line says so
+    shortfall: tuple[str, ...] = ()
 
     @property
     def macs_ratio(self) -> float:
@@ -82,6 +85,8 @@ class Report:
             + (f"; result: {self.form}" if self.form else "")
         )
         parts = [head, self.table()]
+        if self.shortfall:
+            parts.insert(0, "fxprune: did less than asked: " + "; ".join(self.shortfall))
         if self.uncounted:
             parts.append(f"MACs not counted for: {', '.join(self.uncounted[:10])}"
                          + (f" and {len(self.uncounted) - 10} more" if len(self.uncounted) > 10 else ""))
@@ -195,7 +200,8 @@ def build_report(gm: fx.GraphModule, out: nn.Module, before: Cost, after: Cost, 
                         if g.blocked and g.size > 1 and not g.blocked.endswith(("network output", "network input")))
     batch = int(ctx.example_inputs[0].shape[0]) if ctx.example_inputs and ctx.example_inputs[0].dim() else 1
     return Report(before.params, after.params, before.macs, after.macs, tuple(rows), total, len(selection.keep),
-                  blocked, tuple(ctx.notes), seconds, batch, tuple(before.uncounted))
+                  blocked, tuple(ctx.notes), seconds, batch, tuple(before.uncounted),
+                  shortfall=tuple(dict.fromkeys(ctx.shortfalls)))
 
 
 def _count(m: nn.Module) -> int:
@@ -205,7 +211,7 @@ def _count(m: nn.Module) -> int:
 def merge_reports(model: nn.Module, pruned: nn.Module, regions: list[tuple[str, Report]], ctx: Context,
                   seconds: float) -> Report:
     """One report over the pruned regions of a hierarchical compile (layer names prefixed by region)."""
-    layers, blocked, notes, uncounted = [], [], list(ctx.notes), []
+    layers, blocked, notes, uncounted, short = [], [], list(ctx.notes), [], list(ctx.shortfalls)
     mb = ma = gt = gp = 0
     for path, r in regions:
         mb += r.macs_before
@@ -217,8 +223,9 @@ def merge_reports(model: nn.Module, pruned: nn.Module, regions: list[tuple[str, 
         blocked += [(p + root, why) for root, why in r.blocked]
         notes += [f"[{path}] {n}" for n in r.notes]
         uncounted += [p + u for u in r.uncounted]
+        short += [f"[{path}] {n}" for n in r.shortfall]
     notes.append("MACs are summed over the pruned regions (the uncaptured code between them is not counted)")
     first = pytree.tree_leaves(ctx.example_inputs)[:1]
     batch = int(first[0].shape[0]) if first and first[0].dim() else 1
     return Report(_count(model), _count(pruned), mb, ma, tuple(layers), gt, gp, tuple(blocked), tuple(notes),
-                  seconds, batch, tuple(uncounted))
+                  seconds, batch, tuple(uncounted), shortfall=tuple(dict.fromkeys(short)))

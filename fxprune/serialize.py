@@ -146,14 +146,17 @@ def _input_specs(inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
 
 
-def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None = None) -> None:
+def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None = None,
+         key: bytes | str | None = None) -> None:
     """Write a pruned model (the plan and the weights, no code) to ``path``.
 
     ``result``: a :class:`~fxprune.CompileResult`, or a list of them for iterative pruning (each compiled
     on the previous one's module). ``meta``: extra plain data stored with the model (e.g. how to build the
     architecture). The plan is replayed on the result's own traced original first: a result that
     :func:`load` could not reproduce (a post-pass changed the graph beyond adding a bias) is refused.
-    The file is written atomically (a temporary file renamed into place).
+    The file is written atomically (a temporary file renamed into place). ``key``: a secret; the file then
+    carries an HMAC-SHA256 that ``load(..., key=)`` checks (tamper evidence; the plain checksum only detects
+    damage).
     """
     results = list(result) if isinstance(result, (list, tuple)) else [result]
     if not results:
@@ -162,7 +165,7 @@ def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None
         if len(results) > 1:
             raise ConfigError("save: iterative steps over a hierarchical result are not supported; save the last "
                               "result's module with torch.save(result.module)")
-        return write_file(path, _hierarchical_body(results[0], meta))
+        return write_file(path, _hierarchical_body(results[0], meta), key)
     for i, r in enumerate(results):
         if not hasattr(r, "module") or not hasattr(r, "selection") or not hasattr(r, "original"):
             raise ConfigError(f"save: item {i} is a {type(r).__name__}, expected a CompileResult from fxprune.compile")
@@ -187,7 +190,7 @@ def save(result: Any, path: str | os.PathLike, *, meta: Mapping[str, Any] | None
         "meta": plain_data(dict(meta or {}), "save(meta=)"),
         "state_dict": {k: v.detach().cpu().clone() for k, v in results[-1].graph_module.state_dict().items()},
     }
-    write_file(path, body)
+    write_file(path, body, key)
 
 
 def _hierarchical_body(result: Any, meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -345,7 +348,7 @@ def _arch_diff(model: nn.Module, saved: Sequence[Sequence[Any]]) -> str:
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
-         leaf_modules: Iterable[Any] = (), check_graph: bool = True) -> nn.Module:
+         leaf_modules: Iterable[Any] = (), check_graph: bool = True, key: bytes | str | None = None) -> nn.Module:
     """Re-apply the pruning plan in ``path`` to ``model`` (a fresh instance of the original architecture)
     and load the saved weights; returns a new GraphModule (for a result of the hierarchical front end: a copy
     of ``model`` with its pruned regions rebuilt). ``model`` itself is not modified.
@@ -354,12 +357,15 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
     with, if any. ``check_graph`` (default True): the traced forward must be the saved one op for op (a model
     with the same tensors but different wiring is rejected); set False to load across torch/torchvision
     versions whose tracing differs, the per-tensor plan check still applies. Raises :class:`FormatError` for a damaged file and :class:`ArchitectureMismatchError` if
-    ``model`` is not the saved architecture; nothing is returned in either case.
+    ``model`` is not the saved architecture; nothing is returned in either case. ``key``: the secret the file
+    was saved with; the file's HMAC must match (a file without one, or edited since, is a FormatError).
+    Every saved tensor must have the shape and dtype the replayed plan gives it (a model cast as a whole,
+    e.g. to bfloat16 before saving, is cast alike).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"load: model must be an nn.Module (a fresh instance of the original architecture), "
                          f"got {type(model).__name__}")
-    body = read_file(path)
+    body = read_file(path, key)
     rules = rules or RULES
     if fingerprint(model) != body["arch"]:
         raise ArchitectureMismatchError(f"load: {type(model).__name__} is not the architecture {path} was saved "
@@ -375,6 +381,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
     bad = sorted(set(have) ^ set(sd)) + sorted(k for k in set(have) & set(sd) if have[k].shape != sd[k].shape)
     if bad:
         raise ArchitectureMismatchError(f"load: the rebuilt module's tensors do not match the saved weights: {bad[:5]}")
+    _check_dtypes(out, have, sd, path)
     try:
         out.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as exc:
@@ -383,6 +390,20 @@ def load(path: str | os.PathLike, model: nn.Module, *, rules: Any = None,
     if last is not None and body["steps"][-1].get("form") == "class":
         out = _as_class(last, out, _example_inputs(body["inputs"]))
     return out
+
+
+def _check_dtypes(out: nn.Module, have: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], path: Any) -> None:
+    """Saved dtypes must be the replayed module's, or one float dtype for every float tensor (the model was
+    cast as a whole before saving: ``out`` is cast alike); anything else is a damaged or edited file."""
+    floats = {sd[k].dtype for k in sd if sd[k].is_floating_point()}
+    if len(floats) == 1 and all(have[k].is_floating_point() == sd[k].is_floating_point() for k in sd):
+        (dt,) = floats
+        if any(have[k].is_floating_point() and have[k].dtype != dt for k in sd):
+            out.to(dt)
+            have = out.state_dict()
+    wrong = [f"{k} ({sd[k].dtype}, expected {have[k].dtype})" for k in sorted(sd) if sd[k].dtype != have[k].dtype]
+    if wrong:
+        raise FormatError(f"load: {path}: saved tensors have dtypes the plan does not give them: {', '.join(wrong[:5])}")
 
 
 def _as_class(step: tuple[nn.Module, Any, Any, fx.GraphModule], out: fx.GraphModule,

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 from . import meta
 from .errors import InputError, TraceError
 
@@ -53,6 +55,46 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise InputError(
         f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
     )
+
+
+_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+          ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+
+
+def _describe(fn: Any) -> str:
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
+
+
+def check_model_state(model: nn.Module) -> None:
+    """Refuse what a captured graph cannot carry, before any work: module hooks (a graph runs the ops, not
+    ``Module.__call__``, so a hook would silently stop running), parametrizations (the graph would hold the
+    computed weight, the result a different parameterisation) and parameters without values (meta device)."""
+    if not isinstance(model, nn.Module):
+        return
+    for name, mod in model.named_modules():
+        where = f"model.{name}" if name else "the model itself"
+        for attr, what in _HOOKS:
+            hooks = getattr(mod, attr, None) or {}
+            for fn in hooks.values():
+                if type(fn).__name__ == "WeightNorm":
+                    raise InputError(f"{where} uses torch.nn.utils.weight_norm (a forward pre-hook the pruned graph "
+                                     "would not run): call torch.nn.utils.remove_weight_norm on it before compiling "
+                                     "(and weight_norm again on the result if you train further)")
+                raise InputError(f"{where} has a {what} {_describe(fn)}: a captured graph does not run hooks, so "
+                                 "the pruned model would silently compute something else. Remove it (the handle's "
+                                 ".remove()) before compiling and register it again on res.module")
+        if parametrize.is_parametrized(mod) and not name.endswith("parametrizations"):
+            kinds = ", ".join(f"{p} ({type(v[0]).__name__})" for p, v in mod.parametrizations.items())
+            raise InputError(f"{where} has parametrized tensors {kinds}: fxprune prunes plain parameters. Call "
+                             "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)"
+                             " before compiling (and parametrize the result again if you train further)")
+    for pname, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise InputError(f"{pname} is on the meta device (no values): fxprune scores and slices real weights — "
+                             "load or initialise the model's weights first (e.g. model.to_empty(device='cpu') and "
+                             "load_state_dict)")
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -298,6 +298,10 @@ def plan_absorption(gm: fx.GraphModule, analysis: Any, selection: Selection,
             const_units = [u for u in units if all(cons.const(c.args[0], u) for c in calls[owner])]
             if const_units:
                 plans.append(_Plan(owner, ps, const_units, calls[owner]))
+            if len(const_units) < len(units):
+                notes.append(f"absorb: {len(units) - len(const_units)} constant channel(s) also reach {owner} "
+                             f"({type(mod).__name__}) through values that are not constant there (a per-sample gate, "
+                             "a product with another activation): their contribution to it is dropped, not folded")
     return plans, notes
 
 
@@ -381,6 +385,7 @@ class AbsorbConstants(Pass):
         analysis, sel, orig = prov.analysis, prov.selection, prov.source
         plans, notes = plan_absorption(orig, analysis, sel)
         ctx.notes.extend(notes)
+        partial = any("dropped" in n for n in notes)
         before = tuple(meta.get(gm, "absorbed") or ())
         if not plans:
             meta.put(gm, "absorbed", before)
@@ -399,6 +404,8 @@ class AbsorbConstants(Pass):
                 worst = min(r.agreement for r in approx)
                 msg += (f"; approximate at borders for {', '.join(r.consumer for r in approx[:5])} (zero padding: "
                         f"exact at ≥ {worst:.0%} of the output positions)")
+            elif partial:
+                msg += " (exact for those consumers; not every consumer of the channels could be folded, see above)"
             else:
                 msg += " (exact)"
             ctx.notes.append(msg)

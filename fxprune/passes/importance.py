@@ -118,7 +118,7 @@ def store_scores(gm: fx.GraphModule, ctx: Context, name: str,
         out[g.id] = normalize_scores(s, normalize)
     meta.put(gm, "importance", out)
     if skipped:
-        ctx.notes.append(f"{name}: {skipped} prunable groups have no score and are kept")
+        ctx.shortfall(f"{name}: {skipped} prunable groups have no score and are kept")
     return out, skipped
 
 

@@ -316,7 +316,7 @@ class Reconstruct(Pass):
         done.update(by_layer(res))
         meta.put(gm, "reconstruction", done)
         if sel.keep and not res:
-            ctx.notes.append(f"reconstruct ({self.method}): no refit ran — no layer reading a removed channel is a "
+            ctx.shortfall(f"reconstruct ({self.method}): no refit ran — no layer reading a removed channel is a "
                              "conv or linear layer the refit models")
         before = float(np.mean([b for b, _ in res.values()])) if res else 0.0
         after = float(np.mean([a for _, a in res.values()])) if res else 0.0

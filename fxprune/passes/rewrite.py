@@ -26,6 +26,7 @@ from ..rules import RULES, RuleTable
 from ..rules.base import RewriteContext, lookup_tensor, slice_param
 from ..flops import count_cost
 from ..shapes import propagate_shapes
+from .size_values import keep_size_values
 
 __all__ = ["Rewrite", "rewrite_graph", "Provenance", "provenance"]
 
@@ -97,7 +98,9 @@ def rewrite_graph(
                     where = node_location(node)
                     exc.add_note(f"fxprune: while patching node '{node.name}'" + (f" at {where}" if where else ""))
                     raise
+    keep_size_values(gm, new_graph, val_map, rw, rules)
     new_gm = fx.GraphModule(root, new_graph, gm.__class__.__name__)
+    _retie(gm, new_gm)
     meta.copy_source_finder(gm, new_gm)
     new_gm.graph.lint()
     new_gm.train(gm.training)
@@ -114,6 +117,27 @@ def rewrite_graph(
             err.node = node
             raise err from exc
     return new_gm
+
+
+def _retie(gm: fx.GraphModule, new_gm: fx.GraphModule) -> None:
+    """Tensors that were one under several names (tied embeddings) are one again in the result; the analysis
+    ties their dims, so each name was sliced alike."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in gm.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(t), []).append(name)
+    for names in (n for n in by_id.values() if len(n) > 1):
+        try:
+            first = new_gm.get_parameter(names[0])
+        except AttributeError:
+            continue
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            try:
+                mod, t = new_gm.get_submodule(owner), new_gm.get_parameter(name)
+            except AttributeError:
+                continue
+            if t is not first and t.shape == first.shape and torch.equal(t, first):
+                setattr(mod, attr, first)
 
 
 @dataclass(frozen=True)

@@ -116,12 +116,12 @@ class SequentialPrune(Pass):
             by_sig = {_signature(g): g for g in an.groups}
             g = by_sig.get(_signature(g0))
             if g is None or g.size != g0.size or g.blocked:
-                ctx.notes.append(f"sequential: group {g0.id} ({g0.root}) not found intact after earlier steps; kept")
+                ctx.shortfall(f"sequential: group {g0.id} ({g0.root}) not found intact after earlier steps; kept")
                 continue
             oi = lambda m: out_idx.get(m)  # noqa: E731
             s = self._scores(cur, ctx, g, oi)
             if s is None:
-                ctx.notes.append(f"sequential: no score for group {g0.id} ({g0.root}); kept")
+                ctx.shortfall(f"sequential: no score for group {g0.id} ({g0.root}); kept")
                 continue
             sel = self.select.select(an, {g.id: s})
             if not sel.keep:

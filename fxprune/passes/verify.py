@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import meta
-from ..errors import VerificationError
+from ..errors import InputError, VerificationError
 from ..ir import Selection, member_units
 from ..pipeline import Context, Pass, PassResult
 from ..rules.base import lookup_tensor
@@ -172,6 +172,27 @@ def compare_outputs(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rtol: 
     return ""
 
 
+def _check_not_vacuous(inputs: Sequence[Any]) -> None:
+    """An equivalence check on an empty batch or on NaN/Inf inputs compares nothing (NaN == NaN passes):
+    refuse it rather than report a proof."""
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.numel() == 0:
+            raise InputError(f"verify='equivalence': example input {i} is empty (shape {tuple(x.shape)}); a "
+                             "check on no data proves nothing — pass at least one sample")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise InputError(f"verify='equivalence': example input {i} holds NaN or Inf values; outputs computed "
+                             "from them compare equal whatever the model — pass finite inputs")
+
+
+def _check_outputs_finite(outs: Sequence[torch.Tensor]) -> None:
+    for i, y in enumerate(outs):
+        if y.is_floating_point() and y.numel() and not torch.isfinite(y).any():
+            raise VerificationError(f"verify='equivalence': output {i} of the original model is NaN/Inf everywhere "
+                                    "on the example inputs; comparing it proves nothing")
+
+
 @dataclass(frozen=True)
 class Verify(Pass):
     """Check the pruned module against the original (``ctx.original``).
@@ -200,6 +221,8 @@ class Verify(Pass):
         if orig is None:
             raise VerificationError("verify needs the original graph (ctx.original)")
         dt = getattr(torch, self.dtype) if self.dtype else None
+        if self.equivalence:
+            _check_not_vacuous(ctx.example_inputs)
         new_out = run_outputs(gm, ctx.example_inputs, None)
         old_out = run_outputs(orig, ctx.example_inputs, None)
         if len(new_out) != len(old_out) or any(x.shape != y.shape for x, y in zip(new_out, old_out, strict=True)):
@@ -213,12 +236,13 @@ class Verify(Pass):
                 raise VerificationError("equivalence check needs the provenance of the rewrite (pruned_from)")
             analysis, sel = prov.analysis, prov.selection
             if any(analysis.groups[gid].lossy for gid, _ in sel.keep):
-                ctx.notes.append("verify: lossy groups were pruned; equivalence check skipped")
+                ctx.shortfall("verify: lossy groups were pruned; equivalence check skipped")
                 stats["equivalence"] = "skipped (lossy)"
             else:
                 ref = masked_reference(orig, analysis, sel, meta.get(gm, "absorbed") or ())
-                msg = compare_outputs(run_outputs(gm, ctx.example_inputs, dt), run_outputs(ref, ctx.example_inputs, dt),
-                                      self.rtol, self.atol)
+                want = run_outputs(ref, ctx.example_inputs, dt)
+                _check_outputs_finite(want)
+                msg = compare_outputs(run_outputs(gm, ctx.example_inputs, dt), want, self.rtol, self.atol)
                 if msg:
                     raise VerificationError(f"pruned module differs from the masked reference: {msg}")
                 stats["equivalence"] = "ok"

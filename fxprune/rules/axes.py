@@ -58,6 +58,18 @@ class AxisTable:
         self.lossy: list[tuple[np.ndarray, str, bool]] = []  # (element ids, reason, pinned unless allowed)
         self.params: dict[tuple, ParamInfo] = {}
         self.live: set[tuple] = set()
+        self._aliases: dict[str, tuple[str, ...]] | None = None
+
+    def aliases(self, gm: fx.GraphModule, qualname: str) -> tuple[str, ...]:
+        """The other names of the tensor ``qualname`` in ``gm`` (tied weights: an embedding that is also
+        the output head), computed once per table."""
+        if self._aliases is None:
+            by_id: dict[int, list[str]] = {}
+            for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+                by_id.setdefault(id(t), []).append(name)
+            self._aliases = {n: tuple(x for x in names if x != n) for names in by_id.values() if len(names) > 1
+                             for n in names}
+        return self._aliases.get(qualname, ())
 
     def axis(self, key: tuple, size: int) -> Axis:
         ax = self.axes.get(key)
@@ -172,7 +184,14 @@ class RuleContext:
         d = dim % t.dim()
         key = ("p", qualname, d)
         ax = self.table.axis(key, t.shape[d] * groups)
+        new = key not in self.table.params
         self.table.params[key] = ParamInfo(role, groups, is_buffer)
+        if new and groups == 1:  # a tied tensor keeps the same positions under each of its names
+            for alias in self.table.aliases(self.gm, qualname):
+                other = self.table.axes.get(("p", alias, d)) if ("p", alias, d) in self.table.params else \
+                    self.param(alias, d, role)
+                if other is not None and other.size == ax.size:
+                    self.tie(ax, other)
         return self._mark(ax)
 
     def virtual(self, tag: str, size: int) -> Axis:

@@ -13,7 +13,8 @@ them); the input channels follow the weight's input dim. Grouped convolutions:
   each constrained to lose the same number of channels in every conv group; the weight's input dim is a
   *grouped view* (addressed in the full ``in_channels`` index space), and the rewrite gathers each conv
   group's kept inputs (:func:`fxprune.rules.base.slice_param`);
-* any other grouped case (transposed, or a weight computed at run time) pins its channels: exact, never a
+* grouped transposed (weight ``(in, out/groups, k)``): the same, with the roles of the weight dims swapped;
+* any other grouped case (a weight computed at run time) pins its channels: exact, never a
   guess.
 
 A weight computed at run time (timm's ScaledStdConv2d standardises each filter:
@@ -109,8 +110,18 @@ class ConvFamily(Family):
             where = str(node.target) if node.op == "call_module" else node.name
             rc.constrain(xin, Constraint("uniform", g, f"{where} groups"))
             rc.constrain(out, Constraint("uniform", g, f"{where} groups"))
+        elif call.transposed and self._grouped_param(rc, w) is not None:
+            # weight (in, out/groups, k): the same block structure with the roles of the dims swapped
+            qual = self._grouped_param(rc, w)
+            rc.tie(xin, weight_axis(rc, w, 0, "in"))
+            rc.tie(out, rc.param(qual, 1, "out", groups=g))
+            if not isinstance(w, str):
+                rc.free(rc.act(w, 1))
+            where = str(node.target) if node.op == "call_module" else node.name
+            rc.constrain(xin, Constraint("uniform", g, f"{where} groups"))
+            rc.constrain(out, Constraint("uniform", g, f"{where} groups"))
         else:
-            kind = "grouped transposed convolution" if call.transposed else "grouped convolution of a computed weight"
+            kind = "grouped convolution of a computed weight"
             for ax in (xin, out):
                 rc.pin(ax, f"{node.name}: {kind} ({g} groups) is not pruned")
         for d in range(2, 2 + spatial):
