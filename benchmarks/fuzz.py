@@ -24,6 +24,7 @@ import logging
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -104,7 +105,7 @@ def run(n_examples: int, seed: int = 0, families: Iterable[str] = ADVERSARIAL_FA
     counts: collections.Counter = collections.Counter()
     n_random = int(n_examples * random_share)
     n_adv = n_examples - n_random
-    per = max(1, n_adv // (2 * len(families)))
+    per = max(1, -(-n_adv // (2 * len(families))))  # at least n_examples in all
     for fam in families:
         for i in range(per):
             for fe in ("fx", "export"):
@@ -138,13 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--random-share", type=float, default=0.25, help="share of random block compositions")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fuzz.md"), help="markdown ('-': none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     counts = run(args.examples, args.seed, random_share=args.random_share, verbose=args.verbose)
-    print(table(counts))
-    print(f"\n{sum(counts.values())} examples in {time.perf_counter() - t0:.0f} s (torch {torch.__version__}, "
-          f"numpy {np.__version__})")
+    text = (f"# fuzz: adversarial families + random blocks, independent oracle\n\n"
+            f"`python benchmarks/fuzz.py --examples {args.examples} --seed {args.seed}`\n\n{table(counts)}\n\n"
+            f"{sum(counts.values())} examples in {time.perf_counter() - t0:.0f} s (torch {torch.__version__}, "
+            f"numpy {np.__version__}, 1 thread)\n")
+    print(text)
+    if args.out != "-":
+        Path(args.out).write_text(text)
     return int(any(o.startswith("FAIL") for (_, _, o) in counts))
 
 

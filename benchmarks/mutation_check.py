@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=160, help="fuzz examples per mutant")
     ap.add_argument("--only", default="", help="comma-separated mutant names")
+    ap.add_argument("--out", default=__file__.rsplit("/", 1)[0] + "/results/mutation_check.md", help="markdown ('-': none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     names = [n for n in args.only.split(",") if n] or list(MUTANTS)
@@ -121,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, sum(counts.values()), sum(fails.values()),
                      ", ".join(by[:4]) + (" …" if len(by) > 4 else "") if fails else "NOT CAUGHT"))
         print(f"{name}: {sum(fails.values())} failing examples ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print("\n| mutant | examples | failing examples | caught by families |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
     caught = sum(1 for r in rows[1:] if r[2] > 0)
-    print(f"\nmutants caught: {caught} / {len(rows) - 1}; baseline failures: {base_fail}")
+    lines = ["# mutation check", "", f"`python benchmarks/mutation_check.py --examples {args.examples}`", "",
+             "| mutant | examples | failing examples | caught by families |", "|---|---|---|---|"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
+    lines += ["", f"mutants caught: {caught} / {len(rows) - 1}; baseline failures: {base_fail}"]
+    print("\n".join(lines))
+    if args.out != "-":
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
     return int(caught < len(rows) - 1 or base_fail > 0)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import meta
-from .errors import (FxpruneError, FxpruneWarning, InputError, ShortfallError, TraceError, UnsupportedOpError,
+from .errors import (FxpruneError, summary, FxpruneWarning, InputError, ShortfallError, TraceError, UnsupportedOpError,
                      VerificationError)
 from .flops import count_cost
 from .hierarchical import compile_hierarchical
@@ -198,9 +198,9 @@ def _compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions |
             res = _compile(model, example_inputs, options=options.replace(frontend="export"))
         except FxpruneError as exc2:
             exc.add_note(f"fxprune also tried the torch.export front end (which traces through {fn}): "
-                         f"{type(exc2).__name__}: {str(exc2).splitlines()[0]}")
+                         f"{type(exc2).__name__}: {summary(exc2)}")
             raise exc from None
-        why = str(exc).splitlines()[0]
+        why = summary(exc)
         res.report = dataclasses.replace(res.report, notes=res.report.notes + (
             f"captured with torch.export (traced through {fn}) because the fx graph kept it whole: {why}",))
         return res
@@ -234,7 +234,7 @@ def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], opt
         rb = rebuild(model, res.graph_module, res.analysis, res.selection, res.original, options.rule_table)
         why, second = verify_rebuilt(rb.module, res.graph_module, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the graph result, say why
-        rb, why, second = None, f"could not be made ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", False
+        rb, why, second = None, f"could not be made ({type(exc).__name__}: {summary(exc)})", False
     if why or rb is None:
         msg = f"your {cls} class could not be kept: its copy with the pruned layers {why}"
         if options.result == "class":

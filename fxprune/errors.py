@@ -24,6 +24,7 @@ __all__ = [
     "ShortfallError",
     "FxpruneWarning",
     "node_location",
+    "summary",
 ]
 
 
@@ -68,6 +69,20 @@ class FxpruneWarning(UserWarning):
 
 class MissingShapeMetaError(FxpruneError, ValueError):
     """A costed node (or one of its tensor arguments) carries no ``tensor_meta``."""
+
+
+def summary(exc: BaseException | str) -> str:
+    """The first line of an error message, never cut mid-sentence: a line ending in ':' (an introduction)
+    is joined with what follows it, until a line that completes it."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    out = lines[0]
+    for ln in lines[1:]:
+        if not out.endswith(":"):
+            break
+        out += " " + ln
+    return out
 
 
 def node_location(node: Any) -> str:

@@ -49,7 +49,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ConfigError, TraceError
+from .errors import ConfigError, TraceError, summary
 from .trace import trace
 
 __all__ = ["FRONTENDS", "export_graph", "capture"]
@@ -239,18 +239,16 @@ def _fills_on_tensors(gm: fx.GraphModule) -> int:
     return done
 
 
-def _size_tensor(size: Sequence[Any]) -> fx.Node | None:
-    """The tensor whose ``sym_size`` one of the ``size`` entries reads (through any size arithmetic)."""
-    todo = [e for e in size if isinstance(e, fx.Node)]
-    seen: set[fx.Node] = set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
+def _size_tensor(values: Sequence[Any], seen: set[fx.Node] | None = None) -> fx.Node | None:
+    """The tensor whose ``sym_size`` one of ``values`` reads (through any size arithmetic), or None."""
+    seen = set() if seen is None else seen
+    for n in (v for v in values if isinstance(v, fx.Node) and v not in seen):
         seen.add(n)
         if n.op == "call_function" and "sym_size" in str(n.target) and isinstance(n.args[0], fx.Node):
             return n.args[0]
-        todo.extend(n.all_input_nodes)
+        found = _size_tensor(n.all_input_nodes, seen)
+        if found is not None:
+            return found
     return None
 
 
@@ -338,7 +336,7 @@ def capture(
     notes = []
     if fx_error is not None:
         notes.append("captured with torch.export (ATen graph, eval-mode semantics) because symbolic tracing failed: "
-                     f"{str(fx_error).splitlines()[0]}")
+                     f"{summary(fx_error)}")
     if dropped:
         notes.append(f"outputs that are not tensors were left out of the graph: {', '.join(dropped)}")
     note = "; ".join(notes)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ConfigError, InputError, TraceError, VerificationError
+from .errors import ConfigError, InputError, TraceError, VerificationError, summary
 from .ir import Selection
 from .options import CompileOptions
 from .pipeline import Context, Pipeline
@@ -188,7 +188,7 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         raise ConfigError(f"target_macs={target} is an absolute MACs count, but the hierarchical front end (used "
                           "because the whole model cannot be captured as one graph) counts MACs per region: give a "
                           "fraction (e.g. target_macs=0.5: the regions keep half of their MACs)"
-                          + (f"\nwhole-model capture failed: {str(why).splitlines()[0]}" if why else ""))
+                          + (f"\nwhole-model capture failed: {summary(why)}" if why else ""))
     work = copy_model(model).eval()
     rules = options.rule_table
     # a single layer with a rule is never a region: its input and output are the interface, nothing inside
@@ -241,7 +241,7 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
                 log.info("region %s: %s", path, str(captured[path].report).splitlines()[0])
                 return
             except TraceError as exc:
-                reason = str(exc).splitlines()[0]
+                reason = summary(exc)
         log.info("%s is not a region (%s); trying its children", path, reason)
         if not any(_has_params(c) for _, c in children):
             skipped.append(f"{path}: {reason}")
@@ -280,7 +280,7 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         f"hierarchical front end: {len(regions)} region(s) pruned separately ("
         + ", ".join(r.path for r in regions) + "); their inputs and outputs are kept"
         + (f"; captured but nothing to prune (kept as they are): {', '.join(unchanged)}" if unchanged else "")
-        + (f"; whole-model capture failed: {str(why).splitlines()[0]}" if why else "")
+        + (f"; whole-model capture failed: {summary(why)}" if why else "")
     )
     ctx.notes += [f"not pruned: {s}" for s in skipped]
     report = merge_reports(model, pruned, [(r.path, r.result.report) for r in regions], ctx,

@@ -33,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .errors import summary
 from .export import tensors_only
 from .passes.verify import compare_outputs
 from .rules import RULES, RuleTable
@@ -298,7 +299,7 @@ def _run(m: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], what: str) -
     try:
         return _outputs(m, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - reported as the reason the class copy is not used
-        return f"raised {type(exc).__name__} {what}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"raised {type(exc).__name__} {what}: {summary(exc)}"
 
 
 def verify_rebuilt(rebuilt: nn.Module, graph_module: nn.Module, args: Sequence[Any],

@@ -283,3 +283,12 @@ def test_load_checks_dtypes_and_the_optional_hmac(tmp_path):
     fxprune.save(res, tmp_path / "f64.fxp")
     back = fxprune.load(tmp_path / "f64.fxp", _mlp())
     assert all(p.dtype == torch.float64 for p in back.parameters())
+
+
+def test_notes_quote_errors_without_cutting_a_sentence():
+    from fxprune.errors import summary
+
+    assert summary(ValueError("neither front end can capture Net:\n  fx: x\n  export: y")) == \
+        "neither front end can capture Net: fx: x"
+    assert summary(RuntimeError("one line\nsecond")) == "one line"
+    assert summary(RuntimeError("")) == "RuntimeError"

@@ -101,25 +101,8 @@ class ConvFamily(Family):
             wo = weight_axis(rc, w, 0, "out")  # (cin*m, 1, k) or, transposed, (cin, 1, k)
             rc.tie(wo, out if wo.size == cout else xin)
             rc.free(weight_axis(rc, w, 1, "other"))
-        elif not call.transposed and self._grouped_param(rc, w) is not None:
-            qual = self._grouped_param(rc, w)
-            rc.tie(out, weight_axis(rc, w, 0, "out"))
-            rc.tie(xin, rc.param(qual, 1, "in", groups=g))
-            if not isinstance(w, str):
-                rc.free(rc.act(w, 1))
-            where = str(node.target) if node.op == "call_module" else node.name
-            rc.constrain(xin, Constraint("uniform", g, f"{where} groups"))
-            rc.constrain(out, Constraint("uniform", g, f"{where} groups"))
-        elif call.transposed and self._grouped_param(rc, w) is not None:
-            # weight (in, out/groups, k): the same block structure with the roles of the dims swapped
-            qual = self._grouped_param(rc, w)
-            rc.tie(xin, weight_axis(rc, w, 0, "in"))
-            rc.tie(out, rc.param(qual, 1, "out", groups=g))
-            if not isinstance(w, str):
-                rc.free(rc.act(w, 1))
-            where = str(node.target) if node.op == "call_module" else node.name
-            rc.constrain(xin, Constraint("uniform", g, f"{where} groups"))
-            rc.constrain(out, Constraint("uniform", g, f"{where} groups"))
+        elif self._grouped_param(rc, w) is not None:
+            self._tie_grouped(rc, node, w, xin, out, g, call.transposed)
         else:
             kind = "grouped convolution of a computed weight"
             for ax in (xin, out):
@@ -128,6 +111,20 @@ class ConvFamily(Family):
             rc.free(weight_axis(rc, w, d, "other"))
         if has_bias and g != 1:
             rc.tie(out, weight_axis(rc, call.bias, 0, "out"))
+
+    def _tie_grouped(self, rc: RuleContext, node: fx.Node, w: Any, xin: Any, out: Any, g: int,
+                     transposed: bool) -> None:
+        """Weight ``(out, in/g, k)``, or transposed ``(in, out/g, k)`` (the same blocks, the dims' roles
+        swapped): dim 0 is a plain axis, dim 1 the grouped view of the other side; both sides lose the same
+        number of channels in every conv group."""
+        plain, grouped = (xin, out) if transposed else (out, xin)
+        rc.tie(plain, weight_axis(rc, w, 0, "in" if transposed else "out"))
+        rc.tie(grouped, rc.param(self._grouped_param(rc, w), 1, "out" if transposed else "in", groups=g))
+        if not isinstance(w, str):
+            rc.free(rc.act(w, 1))
+        where = str(node.target) if node.op == "call_module" else node.name
+        for ax in (xin, out):
+            rc.constrain(ax, Constraint("uniform", g, f"{where} groups"))
 
     @staticmethod
     def _grouped_param(rc: RuleContext, w: Any) -> str | None:

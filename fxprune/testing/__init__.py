@@ -1,8 +1,10 @@
-"""Public testing helpers: the masked-reference oracle and hypothesis strategies for random networks.
+"""Public testing helpers: the masked-reference oracle, an independent oracle that reads what was kept off the
+pruned weights' values (:mod:`.independent`), and hypothesis strategies for random networks.
 
 ``fxprune.testing.strategies`` needs ``hypothesis`` (the ``test`` extra); the oracle does not.
 """
 
+from .independent import assert_pruned_like_original, dropped_inputs_zeroed, kept_inputs
 from .oracle import (
     PruneCheck,
     assert_model_unchanged,
@@ -14,6 +16,9 @@ from .oracle import (
 )
 
 __all__ = [
+    "assert_pruned_like_original",
+    "dropped_inputs_zeroed",
+    "kept_inputs",
     "PruneCheck",
     "assert_prune_equivalent",
     "assert_transform_equivalent",

@@ -104,15 +104,21 @@ _CHAIN_OPS: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [
 
 
 class _OpChain(nn.Module):
-    def __init__(self, c: int, ops: list[int], residual: bool):
+    """conv, a chain of element-wise/pooling/permuting ops (optionally a depthwise conv in it), conv, an
+    optional residual, conv."""
+
+    def __init__(self, c: int, ops: list[int], residual: bool, depthwise: bool):
         super().__init__()
         self.a, self.b, self.c = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.Conv2d(c, 4, 1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c) if depthwise else nn.Identity()
         self.ops, self.residual = ops, residual
 
     def forward(self, x):
         y = self.a(x)
-        for i in self.ops:
+        for k, i in enumerate(self.ops):
             y = _CHAIN_OPS[i][1](y)
+            if k == 0:
+                y = self.dw(y)
         z = self.b(y)
         return self.c(z + y if self.residual else z)
 
@@ -163,7 +169,7 @@ def adversarial_case(family: str, seed: int) -> tuple[nn.Module, tuple[torch.Ten
         xs = (torch.randn(2, r(2, 5), model.qkv.in_features, generator=g),)
     elif family == "op_chain":
         ops = [r(0, len(_CHAIN_OPS) - 1) for _ in range(r(1, 4))]
-        model, xs, expect = _OpChain(2 * r(2, 6), ops, bool(r(0, 1))), (img,), "oracle"
+        model, xs, expect = _OpChain(2 * r(2, 6), ops, bool(r(0, 1)), bool(seed % 2)), (img,), "oracle"
     else:
         raise KeyError(f"unknown adversarial family {family!r}; known: {', '.join(ADVERSARIAL_FAMILIES)}")
     init_params_(model, seed)
