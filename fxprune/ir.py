@@ -30,6 +30,7 @@ __all__ = [
     "IndexMap",
     "fit_index_map",
     "member_units",
+    "merge_uniform",
     "ChannelRef",
     "ParamSlice",
     "Constraint",
@@ -269,3 +270,22 @@ class Selection:
 
     def kept(self, group: ChannelGroup) -> tuple[int, ...]:
         return self.as_dict().get(group.id, tuple(range(group.size)))
+
+
+def merge_uniform(cs: list[Constraint]) -> tuple[Constraint, ...] | str:
+    """Keep the finest uniform partition if every other one is a coarsening of it."""
+    uni = [c for c in cs if c.kind == "uniform"]
+    rest = tuple(c for c in cs if c.kind != "uniform")
+    if len(uni) <= 1:
+        return tuple(uni) + rest
+    uni.sort(key=lambda c: -c.value)
+    fine = uni[0]
+    owner = {u: i for i, b in enumerate(fine.blocks) for u in b}
+    for c in uni[1:]:
+        for b in c.blocks:
+            fine_blocks = {owner.get(u) for u in b}
+            sizes = {len(fine.blocks[i]) for i in fine_blocks if i is not None}
+            covered = sum(len(fine.blocks[i]) for i in fine_blocks if i is not None)
+            if None in fine_blocks or covered != len(b) or len(sizes) > 1:
+                return f"incompatible group constraints {fine.origin} / {c.origin}"
+    return (fine,) + rest

@@ -170,6 +170,34 @@ def test_grouped_transposed_conv_prunes_exactly_dead_channels(frontend):
     torch.testing.assert_close(res.module(torch.randn(3, 3, 8, 8)).shape, torch.Size([3, 4, 8, 8]))
 
 
+# -- 6. grouped convs reading a concat: the blocks mix two channel groups, selected as one ------------------------
+class _GroupedConcat(nn.Module):
+    def __init__(self, ca, cb, g):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, ca, 1), nn.Conv2d(3, cb, 1)
+        self.g, self.h = nn.Conv2d(ca + cb, 2 * g, 3, groups=g), nn.Conv2d(2 * g, 3, 1)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.g(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grouped_conv_over_a_concat_prunes_its_inputs_uniformly(seed):
+    from fxprune.testing import assert_pruned_like_original
+
+    torch.manual_seed(seed)
+    g = 2 + seed % 3
+    total = g * (2 + seed % 4)
+    ca = 1 + (seed * 7) % (total - 1)  # includes one-channel branches and blocks straddling the boundary
+    model = _GroupedConcat(ca, total - ca, g).eval()
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.compile(model, x, ratio=0.5 + 0.1 * (seed % 3), verify="equivalence", absorb=False)
+    conv = res.graph_module.g
+    assert conv.in_channels < total and conv.in_channels % g == 0 and conv.groups == g
+    assert res.graph_module.a.out_channels >= 1 and res.graph_module.b.out_channels >= 1
+    assert_pruned_like_original(model, res.module, x)
+
+
 # -- 4. a fold is called exact only where it is ---------------------------------------------------------------
 def test_absorb_says_when_a_constant_channel_also_reaches_a_gated_consumer():
     class SE(nn.Module):

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from .. import meta
 from ..errors import ConfigError, UnsupportedOpError, node_location
-from ..ir import ChannelGroup, ChannelRef, Constraint, Explicit, ParamSlice, Selection, Span, fit_index_map
+from ..ir import ChannelGroup, ChannelRef, Constraint, Explicit, ParamSlice, Selection, Span, fit_index_map, merge_uniform
 from ..meta import is_multi, shape_of
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
@@ -279,6 +279,16 @@ def analyze_graph(
     return analysis
 
 
+def _merge_groups(gids: np.ndarray, group_of: np.ndarray, unit_lists: list[list[int]]) -> int:
+    """Merge the groups ``gids`` into the first; returns its id."""
+    gid = int(gids[0])
+    for other in (int(o) for o in gids[1:] if int(o) != gid):
+        group_of[unit_lists[other]] = gid
+        unit_lists[gid].extend(unit_lists[other])
+        unit_lists[other] = []
+    return gid
+
+
 def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes: tuple[str, ...]) -> Analysis:
     n = len(labels)
     # label -> group via producers: units sharing a producer axis are one group
@@ -299,16 +309,16 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
             unit_lists.append([])
             roots.append(root)
         else:
-            gid = int(gids[0])
-            for other in gids[1:]:  # merge other groups into gid
-                other = int(other)
-                for lab in unit_lists[other]:
-                    group_of[lab] = gid
-                unit_lists[gid].extend(unit_lists[other])
-                unit_lists[other] = []
+            gid = _merge_groups(gids, group_of, unit_lists)
         new = uniq[group_of[uniq] < 0]
         group_of[new] = gid
         unit_lists[gid].extend(int(x) for x in new)
+    for key, c in table.constraints:  # conv groups over a concat mix channel groups: select those as one
+        if c.kind == "uniform":
+            ax = table.axes[key]
+            gids = np.unique(group_of[labels[ax.base : ax.base + ax.size]])
+            if len(gids[gids >= 0]) > 1:
+                _merge_groups(gids[gids >= 0], group_of, unit_lists)
     # compact away merged-empty groups
     live = [g for g in range(len(unit_lists)) if unit_lists[g]]
     remap = np.full(len(unit_lists) + 1, -1, dtype=np.int64)
@@ -430,7 +440,7 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
             blocked = f"{lossy}; pass allow_lossy=True to prune it anyway"
         if not blocked and len(pin_units) == len(labs):
             blocked = f"all channels pinned: {pin_reason.get(g, '')}"
-        c = _merge_uniform(cons[g])
+        c = merge_uniform(cons[g])
         if isinstance(c, str):
             blocked = blocked or c
             c = ()
@@ -450,25 +460,6 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
         )
         unit_labels.append(labs)
     return Analysis(table, labels, tuple(groups), tuple(unit_labels), notes)
-
-
-def _merge_uniform(cs: list[Constraint]) -> tuple[Constraint, ...] | str:
-    """Keep the finest uniform partition if every other one is a coarsening of it."""
-    uni = [c for c in cs if c.kind == "uniform"]
-    rest = tuple(c for c in cs if c.kind != "uniform")
-    if len(uni) <= 1:
-        return tuple(uni) + rest
-    uni.sort(key=lambda c: -c.value)
-    fine = uni[0]
-    owner = {u: i for i, b in enumerate(fine.blocks) for u in b}
-    for c in uni[1:]:
-        for b in c.blocks:
-            fine_blocks = {owner.get(u) for u in b}
-            sizes = {len(fine.blocks[i]) for i in fine_blocks if i is not None}
-            covered = sum(len(fine.blocks[i]) for i in fine_blocks if i is not None)
-            if None in fine_blocks or covered != len(b) or len(sizes) > 1:
-                return f"incompatible group constraints {fine.origin} / {c.origin}"
-    return (fine,) + rest
 
 
 @dataclass(frozen=True)

@@ -65,12 +65,39 @@ def choose_units(group: ChannelGroup, scores: np.ndarray, n_remove: int, min_kee
         kept = set(u for u in range(size) if u not in covered)
         for b in blocks:
             kept |= set(sorted(b, key=lambda u: pos[u])[:kb])
+        kept = _swap_for_members(group, kept, blocks, pos, pinned)
         before = len(kept)
         out = _nonempty_members(group, kept, rank)
         return out if len(out) == before else tuple(range(size))  # cannot honour both: keep all
     if round_to > 1:
         keep_n = min(size, int(math.ceil(keep_n / round_to) * round_to))
     return _nonempty_members(group, set(rank[:keep_n]), rank)
+
+
+def _swap_for_members(group: ChannelGroup, kept: set[int], blocks: list[tuple[int, ...]], pos: dict[int, int],
+                      pinned: set[int]) -> set[int]:
+    """Uniform blocks (a grouped conv over a concat): a member that would lose every channel (a one-channel
+    branch of the concat) gets its best unit back in place of the worst other unit kept in that block, so every
+    block still keeps the same count. Unchanged when no swap is possible (the caller then keeps all)."""
+    block_of = {u: i for i, b in enumerate(blocks) for u in b}
+    kept = set(kept)
+    for m in (*group.channels, *group.params):
+        if m.units is None or kept.intersection(m.units):
+            continue
+        best = min(m.units, key=lambda u: pos[u])
+        if best not in block_of:
+            continue
+        needed: set[int] = set()  # the last kept unit of another member stays
+        for x in (*group.channels, *group.params):
+            left = kept.intersection(x.units) if x.units is not None else set()
+            if len(left) == 1:
+                needed |= left
+        out = [u for u in blocks[block_of[best]] if u in kept and u not in pinned and u not in needed]
+        if not out:
+            continue
+        kept.discard(max(out, key=lambda u: pos[u]))
+        kept.add(best)
+    return kept
 
 
 def _nonempty_members(group: ChannelGroup, kept: set[int], rank: list[int]) -> tuple[int, ...]:
