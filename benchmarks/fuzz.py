@@ -39,10 +39,13 @@ RATIOS = (0.25, 0.5, 0.75)
 
 
 def _tied_ok(model: torch.nn.Module, pruned: torch.nn.Module) -> bool:
-    before = {id(p) for p in model.parameters()}
-    n_before = len(before)
-    n_after = len({id(p) for p in pruned.parameters()})
-    return n_after <= n_before
+    """No more distinct parameter tensors than the original had (tied weights were not untied)."""
+    return len({id(p) for p in pruned.parameters()}) <= len({id(p) for p in model.parameters()})
+
+
+def _outcome(out: str) -> str:
+    """The counted outcome: ``ok``/``refused``/... as is, a failure as ``FAIL:<kind>`` without its detail."""
+    return ":".join(out.split(":")[:2]) if out.startswith("FAIL") else out
 
 
 def check_adversarial(family: str, seed: int, frontend: str) -> str:
@@ -89,7 +92,7 @@ def run_random(n: int, seed: int, counts: collections.Counter, verbose: bool = F
             out = _oracle(model, res, tuple(inputs))
         except Exception as exc:  # noqa: BLE001
             out = f"FAIL:{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-        counts[("random_blocks", "fx", out if not out.startswith("FAIL") else ":".join(out.split(":")[:2]))] += 1
+        counts[("random_blocks", "fx", _outcome(out))] += 1
         if verbose and out.startswith("FAIL"):
             print(f"  random_blocks {spec}: {out}", flush=True)
 
@@ -110,7 +113,7 @@ def run(n_examples: int, seed: int = 0, families: Iterable[str] = ADVERSARIAL_FA
         for i in range(per):
             for fe in ("fx", "export"):
                 out = check_adversarial(fam, seed * 1_000_003 + i, fe)
-                counts[(fam, fe, out.split(":")[0] if not out.startswith("FAIL") else ":".join(out.split(":")[:2]))] += 1
+                counts[(fam, fe, _outcome(out))] += 1
                 if verbose and out.startswith("FAIL"):
                     print(f"  {fam} seed={seed * 1_000_003 + i} {fe}: {out}", flush=True)
     if n_random:

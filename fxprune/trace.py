@@ -85,7 +85,7 @@ def check_model_state(model: nn.Module) -> None:
                 raise InputError(f"{where} has a {what} {_describe(fn)}: a captured graph does not run hooks, so "
                                  "the pruned model would silently compute something else. Remove it (the handle's "
                                  ".remove()) before compiling and register it again on res.module")
-        if parametrize.is_parametrized(mod) and not name.endswith("parametrizations"):
+        if parametrize.is_parametrized(mod):
             kinds = ", ".join(f"{p} ({type(v[0]).__name__})" for p, v in mod.parametrizations.items())
             raise InputError(f"{where} has parametrized tensors {kinds}: fxprune prunes plain parameters. Call "
                              "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)"

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.errors import ConfigError, FxpruneWarning, InputError, ShortfallError
+from fxprune.errors import ConfigError, FxpruneWarning, InputError, ShortfallError, summary
 from fxprune.fileformat import checksum
 from fxprune.serialize import FormatError
+from fxprune.testing import assert_pruned_like_original
+from fxprune.testing.strategies.adversarial import GroupedConcat
 
 FRONTENDS = ["fx", "export"]
 
@@ -171,25 +173,13 @@ def test_grouped_transposed_conv_prunes_exactly_dead_channels(frontend):
 
 
 # -- 6. grouped convs reading a concat: the blocks mix two channel groups, selected as one ------------------------
-class _GroupedConcat(nn.Module):
-    def __init__(self, ca, cb, g):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, ca, 1), nn.Conv2d(3, cb, 1)
-        self.g, self.h = nn.Conv2d(ca + cb, 2 * g, 3, groups=g), nn.Conv2d(2 * g, 3, 1)
-
-    def forward(self, x):
-        return self.h(torch.relu(self.g(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))))
-
-
 @pytest.mark.parametrize("seed", range(8))
 def test_grouped_conv_over_a_concat_prunes_its_inputs_uniformly(seed):
-    from fxprune.testing import assert_pruned_like_original
-
     torch.manual_seed(seed)
     g = 2 + seed % 3
     total = g * (2 + seed % 4)
     ca = 1 + (seed * 7) % (total - 1)  # includes one-channel branches and blocks straddling the boundary
-    model = _GroupedConcat(ca, total - ca, g).eval()
+    model = GroupedConcat(ca, total - ca, g).eval()
     x = torch.randn(2, 3, 8, 8)
     res = fxprune.compile(model, x, ratio=0.5 + 0.1 * (seed % 3), verify="equivalence", absorb=False)
     conv = res.graph_module.g
@@ -314,8 +304,6 @@ def test_load_checks_dtypes_and_the_optional_hmac(tmp_path):
 
 
 def test_notes_quote_errors_without_cutting_a_sentence():
-    from fxprune.errors import summary
-
     assert summary(ValueError("neither front end can capture Net:\n  fx: x\n  export: y")) == \
         "neither front end can capture Net: fx: x"
     assert summary(RuntimeError("one line\nsecond")) == "one line"

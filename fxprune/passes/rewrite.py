@@ -23,6 +23,7 @@ from ..errors import InputError, RewriteError, node_location
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
+from ..rules.axes import tied_names
 from ..rules.base import RewriteContext, lookup_tensor, slice_param
 from ..flops import count_cost
 from ..shapes import propagate_shapes
@@ -122,10 +123,7 @@ def rewrite_graph(
 def _retie(gm: fx.GraphModule, new_gm: fx.GraphModule) -> None:
     """Tensors that were one under several names (tied embeddings) are one again in the result; the analysis
     ties their dims, so each name was sliced alike."""
-    by_id: dict[int, list[str]] = {}
-    for name, t in gm.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(t), []).append(name)
-    for names in (n for n in by_id.values() if len(n) > 1):
+    for names in tied_names(gm):
         try:
             first = new_gm.get_parameter(names[0])
         except AttributeError:

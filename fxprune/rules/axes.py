@@ -16,7 +16,7 @@ from torch import nn
 from ..ir import Constraint
 from ..meta import is_multi, shape_of
 
-__all__ = ["Axis", "AxisTable", "ParamInfo", "RuleContext", "op_key", "lookup_tensor", "is_state"]
+__all__ = ["Axis", "AxisTable", "ParamInfo", "RuleContext", "op_key", "lookup_tensor", "is_state", "tied_names"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ class ParamInfo:
     is_buffer: bool = False
 
 
+def tied_names(module: nn.Module) -> list[tuple[str, ...]]:
+    """The names of every parameter or buffer of ``module`` that is one tensor under several names (tied
+    weights: an embedding that is also the output head), one tuple per tensor, in registration order."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        by_id.setdefault(id(t), []).append(name)
+    return [tuple(names) for names in by_id.values() if len(names) > 1]
+
+
 class AxisTable:
     """Every axis of a graph and every fact rules stated about their elements."""
 
@@ -64,11 +73,7 @@ class AxisTable:
         """The other names of the tensor ``qualname`` in ``gm`` (tied weights: an embedding that is also
         the output head), computed once per table."""
         if self._aliases is None:
-            by_id: dict[int, list[str]] = {}
-            for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-                by_id.setdefault(id(t), []).append(name)
-            self._aliases = {n: tuple(x for x in names if x != n) for names in by_id.values() if len(names) > 1
-                             for n in names}
+            self._aliases = {n: tuple(x for x in names if x != n) for names in tied_names(gm) for n in names}
         return self._aliases.get(qualname, ())
 
     def axis(self, key: tuple, size: int) -> Axis:

@@ -69,12 +69,13 @@ def dropped_inputs_zeroed(original: nn.Module, pruned: nn.Module) -> tuple[nn.Mo
     by parameter name, ``<layer>.weight``) have zero weights; and the dropped channels per layer."""
     ref = copy.deepcopy(original)
     new_params = dict(pruned.named_parameters(remove_duplicate=False))
+    originals = dict(original.named_modules())
     dropped: dict[str, np.ndarray] = {}
     for name, mod in ref.named_modules():
         w_name = f"{name}.weight" if name else "weight"
         if not isinstance(mod, _WEIGHTED) or w_name not in new_params:
             continue
-        orig = dict(original.named_modules())[name]
+        orig = originals[name]
         kept = kept_inputs(orig, new_params[w_name], name)
         gone = np.setdiff1d(np.arange(_in_features(mod)), kept)
         if new_params[w_name].shape == orig.weight.shape:

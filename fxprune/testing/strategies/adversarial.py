@@ -24,7 +24,7 @@ from torch import nn
 
 from .seeding import init_params_
 
-__all__ = ["ADVERSARIAL_FAMILIES", "adversarial_case", "adversarial_cases"]
+__all__ = ["ADVERSARIAL_FAMILIES", "GroupedConcat", "adversarial_case", "adversarial_cases"]
 
 
 class _SizeArithmetic(nn.Module):
@@ -70,7 +70,9 @@ class _GatedConstant(nn.Module):
         return self.c2(y * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True))))
 
 
-class _GroupedConcat(nn.Module):
+class GroupedConcat(nn.Module):
+    """A grouped conv over the concat of two branches (its conv blocks may straddle the boundary)."""
+
     def __init__(self, ca: int, cb: int, g: int):
         super().__init__()
         self.a, self.b = nn.Conv2d(3, ca, 1), nn.Conv2d(3, cb, 1)
@@ -162,7 +164,7 @@ def adversarial_case(family: str, seed: int) -> tuple[nn.Module, tuple[torch.Ten
         grp = r(2, 4)
         total = grp * r(2, 4)
         ca = r(1, total - 1)
-        model, xs, expect = _GroupedConcat(ca, total - ca, grp), (img,), "oracle"
+        model, xs, expect = GroupedConcat(ca, total - ca, grp), (img,), "oracle"
     elif family == "input_reshape":
         h = r(2, 4)
         model, xs, expect = _InputReshape(h * 2 * r(1, 3), h), None, "oracle"
