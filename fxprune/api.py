@@ -33,6 +33,7 @@ from .flops import count_cost
 from .hierarchical import compile_hierarchical
 from .ir import Selection
 from .options import CompileOptions
+from .passes.select import Select
 from .passes.group import analyze_graph
 from .passes.rewrite import provenance, rewrite_graph
 from .pipeline import Context
@@ -125,19 +126,19 @@ def compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions | 
     return _shortfall(_compile(model, example_inputs, options=options), options)
 
 
-def _asks_pruning(options: CompileOptions) -> bool:
-    """Whether the options ask for channels to go whatever their scores (a ratio or a MACs target; a
-    threshold may rightly find nothing under it)."""
-    if options.pipeline is not None:
-        return False
-    return bool(options.ratio) or options.target_macs is not None or any(v > 0 for v in options.ratios.values())
+def _asks_pruning(res: CompileResult, options: CompileOptions) -> bool:
+    """Whether the compile was asked for channels to go whatever their scores (a ratio or a MACs target, as
+    options or in a pipeline's select pass; a threshold may rightly find nothing under it)."""
+    asks = [options] if options.pipeline is None else [p for p in res.pipeline.passes if isinstance(p, Select)]
+    return any(bool(x.ratio) or x.target_macs is not None or any(v > 0 for v in dict(x.ratios).values())
+               for x in asks)
 
 
 def _shortfall(res: CompileResult, options: CompileOptions) -> CompileResult:
     """Warn (or raise, ``strict=True``) when ``res`` did materially less than ``options`` asked."""
     r = res.report
     found = list(r.shortfall)
-    if _asks_pruning(options) and r.groups_pruned == 0:
+    if _asks_pruning(res, options) and r.groups_pruned == 0:
         pinned = [g for g in res.groups if g.blocked]
         why = f", e.g. the group at {pinned[0].root} ({pinned[0].blocked})" if pinned else ""
         found.insert(0, f"nothing pruned: 0 of {r.groups_total} channel groups, {len(pinned)} of them cannot be "

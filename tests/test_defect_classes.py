@@ -308,3 +308,9 @@ def test_notes_quote_errors_without_cutting_a_sentence():
         "neither front end can capture Net: fx: x"
     assert summary(RuntimeError("one line\nsecond")) == "one line"
     assert summary(RuntimeError("")) == "RuntimeError"
+
+
+def test_a_pipeline_asked_to_prune_that_prunes_nothing_warns():
+    with pytest.warns(FxpruneWarning, match="nothing pruned"):
+        fxprune.compile(nn.Sequential(nn.Linear(8, 4)), torch.randn(3, 8),
+                        pipeline="group | importance | select(ratio=0.5) | rewrite | verify")
