@@ -312,6 +312,13 @@ def write_results(name: str, text: str, rows: Any, out: str | None) -> Path | No
     return path
 
 
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads``: the thread count every later :func:`setup_torch` (and forked child) uses."""
+    global NUM_THREADS
+    if getattr(args, "threads", None):
+        NUM_THREADS = int(args.threads)
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--models", default="", help="comma-separated subset of torchvision model names "
@@ -330,6 +337,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="markdown output path (default benchmarks/results/<name>.md; "
                    "'-' for none); the raw rows go next to it as .json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch threads in every benchmark process (default {NUM_THREADS}; time with 1 and nothing "
+                        "else running)")
     return p
 
 

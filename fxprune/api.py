@@ -38,11 +38,11 @@ from .passes.group import analyze_graph
 from .passes.rewrite import provenance, rewrite_graph
 from .pipeline import Context
 from .prepare import prepare, prepare_with_note
-from .restore import rebuild, verify_rebuilt
+from .restore import rebuild, same_program, verify_rebuilt
 from .result import CompileResult, Report, build_report
 from .rules import RULES, Rule, RuleTable
 from .structured import FlatBatches, flat_view, structured
-from .trace import check_model_state, normalize_inputs
+from .trace import check_model_state, normalize_inputs, trace
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ def _compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions |
     rules = options.rule_table
     # -- work ---------------------------------------------------------------------------------------
     try:
-        gm, inputs, capture_note = prepare_with_note(model, inputs, options.leaf_modules, rules, options.frontend)
+        gm, inputs, capture_note = prepare_with_note(model, inputs, options.leaf_modules, rules, options.frontend,
+                                                      share_weights=True)
         ctx = Context(model=model, example_inputs=inputs, original=gm, calib=options.calib, seed=options.seed,
                       pipeline=pipe)
         if capture_note:
@@ -218,22 +219,32 @@ def _compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions |
             meta.drop(out, key)
     report = build_report(gm, out, before, after, analysis, selection, ctx, time.perf_counter() - t0, rules)
     res = CompileResult(out, report, gm, analysis, selection, pipe, ctx, facts=facts)
-    return _keep_class(model, res, inputs, options)
+    traced_fx = not capture_note and options.frontend in ("auto", "whole", "fx")
+    return _keep_class(model, res, inputs, options, trace_fn=functools.partial(
+        trace, is_rule_leaf=rules.has_module_rule, leaf_modules=options.leaf_modules) if traced_fx else None)
 
 
 def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], options: CompileOptions,
-                kwargs: dict[str, Any] | None = None) -> CompileResult:
+                kwargs: dict[str, Any] | None = None,
+                trace_fn: Callable[[nn.Module], fx.GraphModule] | None = None) -> CompileResult:
     """``res`` with ``module`` = a verified copy of the user's own class (:mod:`fxprune.restore`), unless
     ``result="graph"``; when the copy cannot be made or does not match the graph result, the graph result
-    stays (``result="auto"``, with the reason in the report) or a VerificationError is raised (``"class"``)."""
+    stays (``result="auto"``, with the reason in the report) or a VerificationError is raised (``"class"``).
+
+    ``trace_fn`` (the fx front end's tracer, when it captured the graph): the copy is first traced and
+    compared with the graph result's program (:func:`fxprune.restore.same_program`: no forward runs); when
+    it does not trace to the same program, the outputs of both are compared on the example inputs and on
+    another batch/sequence size."""
     cls = type(model).__name__
     if options.result == "graph" or res.analysis is None:
         res.report = dataclasses.replace(res.report, form="GraphModule")
         return res
     t0 = time.perf_counter()
+    program = ""
     try:
         rb = rebuild(model, res.graph_module, res.analysis, res.selection, res.original, options.rule_table)
-        why, second = verify_rebuilt(rb.module, res.graph_module, args, kwargs)
+        program = "not traced" if trace_fn is None else same_program(rb.module, res.graph_module, trace_fn)
+        why, second = ("", True) if not program else verify_rebuilt(rb.module, res.graph_module, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the graph result, say why
         rb, why, second = None, f"could not be made ({type(exc).__name__}: {summary(exc)})", False
     if why or rb is None:
@@ -245,10 +256,14 @@ def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], opt
                                          notes=res.report.notes + (f"result is the GraphModule: {msg}",))
         return res
     res.module = rb.module
-    notes = [f"result: a copy of your {cls} with the pruned layers, checked equal to the graph result on the "
-             "example inputs" + (" and on another batch/sequence size" if second else
-                                  " (another batch/sequence size could not be checked: the graph or the model "
-                                  "accepts only the example's)") + f" ({time.perf_counter() - t0:.2f}s)"]
+    if not program:
+        how = ("checked equal to the graph result: its forward traces to the same program (the same ops, "
+               "modules and tensors), so the two agree at every input size")
+    else:
+        how = "checked equal to the graph result on the example inputs" + (
+            " and on another batch/sequence size" if second else " (another batch/sequence size could not be "
+            "checked: the graph or the model accepts only the example's)")
+    notes = [f"result: a copy of your {cls} with the pruned layers, {how} ({time.perf_counter() - t0:.2f}s)"]
     if rb.attributes:
         notes.append("attributes updated: " + ", ".join(rb.attributes[:8])
                      + (f" and {len(rb.attributes) - 8} more" if len(rb.attributes) > 8 else ""))

@@ -19,6 +19,8 @@ key                 where         value
 ``cost``            gm.meta       :class:`fxprune.flops.Cost` of the graph
 ``pruned_from``     gm.meta       :class:`fxprune.passes.rewrite.Provenance`: the graph this one was
                                   rewritten from, its groups and the selection applied
+``unit_mass``       gm.meta       ``{(param, dim, groups, p): (tensor version, np.ndarray)}`` Σ|x|^p per
+                                  position of a dim, left by the magnitude criteria (absorb reads its zeros)
 ``absorbed``        gm.meta       tuple of :class:`fxprune.passes.absorb.Absorbed` (constants folded)
 ``reconstruction``  gm.meta       ``{site: (relative error before, after)}`` of a refit
 ``stack_trace``     node.meta     the user's source stack of the node (torch.fx's own key)
@@ -44,7 +46,8 @@ __all__ = ["KEYS", "declare", "check_key", "get", "put", "has", "drop", "tensor_
            "set_concrete_value", "stack_trace", "set_source_finder", "copy_source_finder"]
 
 #: Graph-level keys a pass may declare in ``reads``/``writes`` (grown by :func:`declare`).
-KEYS: list[str] = ["shapes", "groups", "importance", "selection", "cost", "pruned_from", "absorbed", "reconstruction"]
+KEYS: list[str] = ["shapes", "groups", "importance", "selection", "cost", "pruned_from", "absorbed", "reconstruction",
+                   "unit_mass"]
 
 _PREFIX = "fxprune."
 

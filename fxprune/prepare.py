@@ -32,13 +32,16 @@ __all__ = ["prepare", "prepare_with_note"]
 
 
 def prepare_with_note(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] = (),
-                      rules: RuleTable = RULES, frontend: str = "auto"
+                      rules: RuleTable = RULES, frontend: str = "auto", share_weights: bool = False
                       ) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...], str]:
-    """:func:`prepare`, plus the note saying why a fallback front end was used ('' if none)."""
+    """:func:`prepare`, plus the note saying why a fallback front end was used ('' if none).
+
+    ``share_weights=True`` (what ``fxprune.compile`` uses): the graph's parameters are views of the user's,
+    not copies (:func:`fxprune.trace.copy_model`); the caller must treat the graph as read-only."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    work = copy_model(model)
+    work = copy_model(model, share_weights)
     work.eval()
     gm, _, note = capture(work, inputs, rules.has_module_rule, leaf_modules, frontend)
     propagate_shapes(gm, inputs)

@@ -39,7 +39,7 @@ from .passes.verify import compare_outputs
 from .rules import RULES, RuleTable
 from .rules.base import RewriteContext
 
-__all__ = ["rebuild", "verify_rebuilt", "second_inputs", "Rebuilt"]
+__all__ = ["rebuild", "verify_rebuilt", "same_program", "second_inputs", "Rebuilt"]
 
 #: attribute names by what they count (matched on the whole name, case-insensitive)
 _HEADS = re.compile(r"^(num_|n_)?(attention_|attn_)?heads?$|^num_(key_value|kv)_heads$|^n_kv_heads?$")
@@ -264,6 +264,81 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
     config, mismatch = _update_config(new, model, changed)
     new.train(model.training)
     return Rebuilt(new, attributes, config, mismatch)
+
+
+def same_program(rebuilt: nn.Module, graph_module: fx.GraphModule, trace_fn: Callable[[nn.Module], fx.GraphModule]
+                 ) -> str:
+    """'' when ``rebuilt``'s own ``forward``, traced symbolically (``trace_fn``, in eval mode), is the graph
+    result's program: the same nodes, in order, with the same targets, the same literal arguments, the very
+    same modules (or modules of the same type, attributes and tensors) and tensors. Then the two compute one
+    function at every input size, and no forward needs to run; else what differs (the caller falls back to
+    comparing outputs)."""
+    flags = {m: m.training for m in rebuilt.modules()}
+    rebuilt.eval()
+    try:
+        traced = trace_fn(rebuilt)
+    except Exception as exc:  # noqa: BLE001 - a class that does not trace is compared by its outputs
+        return f"does not trace ({type(exc).__name__})"
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    a, b = list(traced.graph.nodes), list(graph_module.graph.nodes)
+    if len(a) != len(b):
+        return f"traces to {len(a)} nodes, the graph result has {len(b)}"
+    pos = {n: i for i, n in enumerate(a)}
+    pos_b = {n: i for i, n in enumerate(b)}
+    for x, y in zip(a, b, strict=True):
+        if x.op != y.op or x.target != y.target:
+            return f"node {y.name}: {x.op} {x.target} vs {y.op} {y.target}"
+        if not _same_value((x.args, x.kwargs), (y.args, y.kwargs), pos, pos_b):
+            return f"node {y.name}: arguments {x.args} vs {y.args}"
+        if x.op == "call_module" and not _same_module(traced.get_submodule(x.target), graph_module.get_submodule(y.target)):
+            return f"module {x.target} differs"
+        if x.op == "get_attr" and not _same_value(_attr(traced, x.target), _attr(graph_module, y.target), {}, {}):
+            return f"attribute {x.target} differs"
+    return ""
+
+
+def _attr(m: nn.Module, path: str) -> Any:
+    owner, _, name = path.rpartition(".")
+    return getattr(m.get_submodule(owner) if owner else m, name)
+
+
+def _same_value(x: Any, y: Any, pos: dict, pos_b: dict) -> bool:
+    if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+        return isinstance(x, fx.Node) and isinstance(y, fx.Node) and pos.get(x, -1) == pos_b.get(y, -2)
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, torch.Tensor):
+        return x is y or (x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y)))
+    if isinstance(x, (tuple, list)):
+        return len(x) == len(y) and all(_same_value(u, v, pos, pos_b) for u, v in zip(x, y, strict=True))
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same_value(x[k], y[k], pos, pos_b) for k in x)
+    if isinstance(x, slice):
+        return _same_value((x.start, x.stop, x.step), (y.start, y.stop, y.step), pos, pos_b)
+    try:
+        return bool(x == y)
+    except Exception:  # noqa: BLE001 - a value that cannot be compared is not known to be the same
+        return False
+
+
+def _same_module(x: nn.Module, y: nn.Module) -> bool:
+    """The same module, or one of the same type whose submodules have the same attributes and tensors."""
+    if x is y:
+        return True
+    xs, ys = dict(x.named_modules(remove_duplicate=False)), dict(y.named_modules(remove_duplicate=False))
+    if xs.keys() != ys.keys():
+        return False
+    for k, u in xs.items():
+        v = ys[k]
+        if type(u) is not type(v):
+            return False
+        du = {a: w for a, w in vars(u).items() if a not in ("_modules", "training")}
+        dv = {a: w for a, w in vars(v).items() if a not in ("_modules", "training")}
+        if du.keys() != dv.keys() or not all(_same_value(du[a], dv[a], {}, {}) for a in du):
+            return False
+    return True
 
 
 def second_inputs(args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -97,10 +97,21 @@ def check_model_state(model: nn.Module) -> None:
                              "load_state_dict)")
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy, so nothing fxprune does (tracing, shape propagation, eval()) touches the user's model."""
+def copy_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A deep copy, so nothing fxprune does (tracing, shape propagation, eval()) touches the user's model.
+
+    ``share_weights=True``: the copy's parameters are new ``nn.Parameter`` objects over the user's own
+    storage (no weight is copied; buffers and everything else are). fxprune's compile reads such a copy only:
+    the rewrite slices fresh tensors from it, and the passes that need gradients or write weights work on
+    copies of their own (the test suite checks the user's tensors' version counters stay unchanged)."""
+    memo: dict[int, Any] = {}
+    if share_weights:
+        for mod in model.modules():
+            for p in mod._parameters.values():
+                if type(p) is nn.Parameter and id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as exc:  # deepcopy can fail on exotic attributes; keep the cause
         raise InputError(
             f"cannot copy the model ({type(exc).__name__}: {exc}); fxprune works on a copy so the "

@@ -54,6 +54,7 @@ from ..pipeline import Context, Pass, PassResult
 from ..flops import count_cost
 from ..rules import RULES, RuleTable
 from ..rules.base import lookup_tensor
+from .importance import unit_mass
 from .rewrite import provenance
 
 __all__ = ["AbsorbConstants", "Absorbed", "apply_absorbed", "plan_absorption"]
@@ -216,8 +217,12 @@ def _unit_rows(ps: ParamSlice, units: Iterable[int]) -> dict[int, np.ndarray]:
 
 
 def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: set[int]) -> dict[str, set[int]]:
-    """module name -> removed units whose activation that module makes constant (γ = 0 / zero weight row)."""
+    """module name -> removed units whose activation that module makes constant (γ = 0 / zero weight row).
+
+    When the scoring left the slices' masses (the ``unit_mass`` fact of the magnitude criteria), only the
+    units whose mass is 0 are read (a non-zero mass proves a non-zero row); the rest of the weights is not."""
     out: dict[str, set[int]] = {}
+    masses = meta.get(gm, "unit_mass") or {}
     for ps in group.params:
         owner, _, attr = ps.param.rpartition(".")
         if attr != "weight" or ps.is_buffer or ps.groups > 1:
@@ -235,9 +240,12 @@ def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: set[int
             continue
         units = member_units(ps)
         mine = np.isin(units, np.fromiter(removed, dtype=np.int64, count=len(removed)))
+        t = lookup_tensor(gm, ps.param)[0].detach()
+        known = next((masses[k] for k in ((ps.param, ps.dim, 1, 1), (ps.param, ps.dim, 1, 2)) if k in masses), None)
+        if known is not None and known[0] == t._version:
+            mine &= unit_mass(ps, known[1])[1] == 0
         if not mine.any():
             continue
-        t = lookup_tensor(gm, ps.param)[0].detach()
         try:  # only the removed units' rows are read (a full pass over a big weight costs as much as scoring)
             rows = ps.span.indices()[mine]
             vals = t.index_select(ps.dim, torch.as_tensor(rows.reshape(-1))).movedim(ps.dim, 0)

@@ -31,6 +31,10 @@ __all__ = [
     "BNScaleImportance",
     "RandomImportance",
     "slice_values",
+    "slice_mass",
+    "position_mass",
+    "unit_mass",
+    "TensorCache",
     "lp_norm",
     "reduce_slices",
     "normalize_scores",
@@ -62,11 +66,95 @@ def slice_values(t: torch.Tensor, ps: ParamSlice) -> tuple[np.ndarray, "torch.Te
         return units, [t[r].reshape(-1) for r in rows]
 
 
+class TensorCache:
+    """``cache(name)``: the graph's tensor ``name`` (detached), looked up once; :meth:`mass`: the Lp mass per
+    position of one of its dims, computed with one reduction per tensor (see :func:`position_mass`)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._core: dict[tuple[str, int], torch.Tensor] = {}
+        #: ``(param, dim, groups, p) -> per-position mass``: what :meth:`mass` computed (the ``unit_mass`` fact)
+        self.masses: dict[tuple[str, int, int, int], np.ndarray] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            self._tensors[name] = lookup_tensor(self.gm, name)[0].detach()
+        return self._tensors[name]
+
+    def mass(self, name: str, dim: int, groups: int, p: int) -> np.ndarray:
+        key = (name, dim, groups, p)
+        if key not in self.masses:
+            t = self(name)
+            if t.dim() >= 3 and dim in (0, 1) and (groups > 1 or t[0, 0].numel() >= 4):
+                # conv kernels: one pass reduces the window dims (to a 4x+ smaller matrix), shared by dims 0 and 1
+                core = self._core.get((name, p))
+                if core is None:
+                    core = self._core[(name, p)] = torch.linalg.vector_norm(
+                        _accum(t), ord=p, dim=tuple(range(2, t.dim()))) ** p
+                m = core
+            else:
+                m = position_mass(t, dim, 1, p, as_matrix=True)
+            self.masses[key] = _fold(m, t, dim, groups)
+        return self.masses[key]
+
+
+def _accum(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _fold(m: torch.Tensor, t: torch.Tensor, dim: int, groups: int) -> np.ndarray:
+    """Per-position mass of ``dim`` from ``m``: a vector along ``dim``, or the (dim 0, dim 1) matrix of a conv."""
+    if m.dim() == 1:
+        return m.double().numpy()
+    if groups > 1 and dim == 1:  # grouped conv input: position q * cg + j sums block q's rows of column j
+        return m.reshape(groups, m.shape[0] // groups, m.shape[1]).sum(1).reshape(-1).double().numpy()
+    return m.sum(1 - dim).double().numpy()
+
+
+def position_mass(t: torch.Tensor, dim: int, groups: int = 1, p: int = 2, as_matrix: bool = False) -> Any:
+    """Σ|x|^p (float64) over everything but position ``i`` of ``dim``, for every ``i``: the magnitude of the
+    slice ``t.select(dim, i)``, in one reduction. ``groups > 1``: ``dim`` 1 of a grouped conv, addressed as the
+    full input-channel index (``groups * t.shape[1]`` positions)."""
+    x = _accum(t.detach())
+    if x.dim() == 1:
+        m = x.abs().double() ** p if p == 1 else x.double() ** p
+    elif groups > 1:
+        m = torch.linalg.vector_norm(x.reshape(x.shape[0], x.shape[1], -1), ord=p, dim=2) ** p
+        return m if as_matrix else _fold(m, t, 1, groups)
+    else:
+        m = torch.linalg.vector_norm(x, ord=p, dim=tuple(d for d in range(x.dim()) if d != dim % x.dim())).double() ** p
+    return m if as_matrix else m.numpy()
+
+
+def unit_mass(ps: ParamSlice, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(units, mass per unit) of slice ``ps`` from the per-position mass ``pos`` of its dim: each unit sums its
+    positions (the Lp^p norm of the unit's whole slice)."""
+    units = member_units(ps)
+    sp = ps.span
+    if isinstance(sp, Span) and sp.start == 0 and sp.repeat == 1 and sp.stride == sp.block and \
+            sp.size * sp.block == len(pos):
+        return units, pos.reshape(sp.size, sp.block).sum(1)
+    try:
+        return units, pos[ps.span.indices()].sum(1)
+    except ValueError:  # ragged explicit map
+        return units, np.array([pos[np.asarray(r, dtype=np.int64)].sum() for r in ps.span.table])  # type: ignore
+
+
 def lp_norm(x: torch.Tensor, p: int, dim: int | None = None):
     """Sum of |x| (p=1) or of x² (p=2), in float64; over ``dim`` (array) or all (float)."""
     if dim is None:
         return float(torch.linalg.vector_norm(x.float(), ord=p)) ** p
     return torch.linalg.vector_norm(x.float(), ord=p, dim=dim).double().numpy() ** p
+
+
+def slice_mass(tensor: Callable[[str], torch.Tensor], ps: ParamSlice, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """(units, Σ|x|^p of each unit's slice): through ``tensor.mass`` when ``tensor`` is a :class:`TensorCache`
+    (one reduction per tensor, shared by its slices), else by gathering the slice."""
+    mass = getattr(tensor, "mass", None)
+    if mass is not None:
+        return unit_mass(ps, mass(ps.param, ps.dim, ps.groups, p))
+    return unit_mass(ps, position_mass(tensor(ps.param), ps.dim, ps.groups, p))
 
 
 def reduce_slices(per: list[np.ndarray], how: str) -> np.ndarray | None:
@@ -135,16 +223,12 @@ class ImportancePass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         analysis = meta.get(gm, "groups")
-        cache: dict[str, torch.Tensor] = {}
-
-        def tensor(name: str) -> torch.Tensor:
-            if name not in cache:
-                cache[name] = lookup_tensor(gm, name)[0].detach()
-            return cache[name]
-
+        tensor = TensorCache(gm)
         groups = [g for g in analysis.groups if g.prunable]
         out, skipped = store_scores(gm, ctx, self.name, ((g, self.scores(g, tensor, ctx)) for g in groups),
                                     self.normalize)
+        if tensor.masses and "unit_mass" in self.writes:
+            meta.put(gm, "unit_mass", {k: (tensor(k[0])._version, v) for k, v in tensor.masses.items()})
         return PassResult(gm, False, {"scored": len(out), "skipped": skipped})
 
 
@@ -153,6 +237,7 @@ class MagnitudeImportance(ImportancePass):
     """Lp magnitude (``p=1``: L1 as in Li et al.; ``p=2``: L2) of the slices each unit owns."""
 
     name: ClassVar[str] = "importance"
+    writes: ClassVar[tuple[str, ...]] = ("importance", "unit_mass")
     p: int = 2
     roles: tuple[str, ...] = ("out", "in", "norm", "other")
     reduction: str = "sum"
@@ -170,8 +255,7 @@ class MagnitudeImportance(ImportancePass):
         for ps in group.params:
             if ps.role not in self.roles or ps.is_buffer:
                 continue
-            units, vals = slice_values(tensor(ps.param), ps)
-            v = np.array([lp_norm(x, self.p) for x in vals]) if isinstance(vals, list) else lp_norm(vals, self.p, 1)
+            units, v = slice_mass(tensor, ps, self.p)
             if self.layer_normalize and v.mean() > 0:
                 v = v / v.mean()
             full = np.full(group.size, np.nan)
@@ -194,9 +278,9 @@ class BNScaleImportance(ImportancePass):
         per = []
         for ps in group.params:
             if ps.role == "norm" and ps.param.endswith(".weight") and not ps.is_buffer:
-                units, vals = slice_values(tensor(ps.param), ps)
+                units, v = slice_mass(tensor, ps, 1)
                 full = np.zeros(group.size)
-                full[units] = [lp_norm(x, 1) for x in vals] if isinstance(vals, list) else lp_norm(vals, 1, 1)
+                full[units] = v
                 per.append(full)
         if not per:
             return None

@@ -117,7 +117,8 @@ def slice_param(t: torch.Tensor, qualname: str, rw: RewriteContext) -> torch.Ten
             data = _gather_grouped(data, k, g, qualname)
         else:
             data = data.index_select(d, torch.as_tensor(np.flatnonzero(k), device=data.device))
-    return data.clone()
+    # a gather already made a fresh tensor: copy only what was not sliced
+    return data.clone() if data is t or data._base is t or data.data_ptr() == t.data_ptr() else data
 
 
 class Rule:

@@ -42,8 +42,8 @@ from .. import meta
 from ..flops import count_cost
 from ..options import check_names
 from ..passes import GroupChannels
-from ..passes.importance import (ImportancePass, MagnitudeImportance, lp_norm, register_importance, resolve_importance,
-                                 slice_values)
+from ..passes.importance import (ImportancePass, MagnitudeImportance, register_importance, resolve_importance,
+                                 slice_mass)
 from ..passes.rewrite import rewrite_graph
 from ..passes.select import choose_units, floor_count, validate_ratio
 from ..pipeline import Context
@@ -315,8 +315,7 @@ class ProjectionShortcutImportance(ImportancePass):
             return MagnitudeImportance(p=self.p, roles=("out",)).scores(group, tensor, ctx)
         s = np.zeros(group.size)
         for ps in sc:
-            units, vals = slice_values(tensor(ps.param), ps)
-            v = np.array([lp_norm(x, self.p) for x in vals]) if isinstance(vals, list) else lp_norm(vals, self.p, 1)
+            units, v = slice_mass(tensor, ps, self.p)
             np.add.at(s, units, v)
         return s
 

@@ -64,9 +64,18 @@ def random_selection(analysis: Analysis, seed: int = 0, max_ratio: float = 0.9,
     return Selection.from_dict(keep)
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every parameter and buffer (for :func:`assert_model_unchanged`)."""
-    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+class Snapshot(dict):
+    """Copies of a model's parameters and buffers, and their version counters (``versions``)."""
+
+    versions: dict[str, int]
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """Copies of every parameter and buffer, and their version counters (for :func:`assert_model_unchanged`)."""
+    state = model.state_dict(keep_vars=True)
+    snap = Snapshot({k: v.detach().clone() for k, v in state.items()})
+    snap.versions = {k: v._version for k, v in state.items()}
+    return snap
 
 
 def assert_model_unchanged(model: nn.Module, snap: dict[str, torch.Tensor], training: bool | None = None) -> None:
@@ -76,6 +85,8 @@ def assert_model_unchanged(model: nn.Module, snap: dict[str, torch.Tensor], trai
         t = now[k].detach()
         assert t.shape == v.shape and t.dtype == v.dtype, f"{k} changed shape/dtype"
         assert torch.equal(t, v), f"{k} changed values"
+    for k, version in getattr(snap, "versions", {}).items():  # written in place, even if restored since
+        assert now[k]._version == version, f"{k} was written in place (version {version} -> {now[k]._version})"
     if training is not None:
         assert model.training == training, "model's training flag changed"
 

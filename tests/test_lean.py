@@ -1,0 +1,198 @@
+"""The lean compile: no copy of the user's weights, shapes verified from metadata, one reduction per
+tensor for the magnitude criteria, the class copy checked by its traced program."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import fxprune
+from fxprune import meta
+from fxprune.errors import VerificationError
+from fxprune.ir import ParamSlice, Span
+from fxprune.passes import verify as verify_mod
+from fxprune.passes.importance import TensorCache, lp_norm, position_mass, slice_mass, slice_values
+from fxprune.pipeline import Context
+from fxprune.restore import same_program
+from fxprune.testing import assert_model_unchanged, snapshot
+from models import randomize
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.b2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.c2(y))) + y
+        return self.fc(y.mean((2, 3)))
+
+
+def _net(seed: int = 0, zero_gamma: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    m = randomize(_Net()).eval()
+    if zero_gamma:
+        with torch.no_grad():
+            m.b1.weight[:3] = 0
+    return m
+
+
+_X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"importance": "l1", "verify": "equivalence"},
+    {"importance": "bn_scale"},
+    {"importance": "taylor", "calib": [(_X,)]},
+    {"reconstruct": "lstsq", "calib": [(_X,)]},
+    {"sequential": True, "ratio": 0.25},
+    {"result": "graph", "absorb": True},
+], ids=lambda k: ",".join(sorted(k)) or "defaults")
+def test_compile_never_writes_the_shared_weights(kwargs):
+    """The traced graph views the user's parameters (no copy); no pass may write them: the version counters
+    (bumped by any in-place write, even one undone later) and values stay as they were."""
+    model = _net(zero_gamma=True)
+    snap = snapshot(model)
+    opts = {"ratio": 0.5, **kwargs}
+    res = fxprune.compile(model, _X, **opts)
+    assert_model_unchanged(model, snap, training=False)
+    assert res.report.groups_pruned > 0
+    user = {p.data_ptr() for p in model.parameters()}
+    assert not user & {p.data_ptr() for p in res.module.parameters()}, "the result shares storage with the user's model"
+
+
+def test_the_traced_graph_views_the_user_weights_instead_of_copying_them():
+    model = _net()
+    res = fxprune.compile(model, _X, ratio=0.5)
+    user = {n: p.data_ptr() for n, p in model.named_parameters()}
+    seen = {n: p.data_ptr() for n, p in res.original.named_parameters()}
+    assert seen and all(user[n] == ptr for n, ptr in seen.items())
+    assert all(p is not q for p, q in zip(model.parameters(), res.original.parameters()))  # own Parameter objects
+
+
+def test_an_in_place_write_shows_in_the_snapshot_check():
+    model = _net()
+    snap = snapshot(model)
+    with torch.no_grad():
+        model.c1.weight.mul_(1.0)  # the same values, but written
+    with pytest.raises(AssertionError, match="written in place"):
+        assert_model_unchanged(model, snap)
+
+
+# -- one reduction per tensor -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,dim,groups", [((8, 6, 3, 3), 0, 1), ((8, 6, 3, 3), 1, 1), ((8, 2, 3, 3), 1, 4),
+                                              ((8, 6, 1, 1), 1, 1), ((8, 6), 0, 1), ((8, 6), 1, 1), ((7,), 0, 1),
+                                              ((4, 5, 2, 3, 2), 1, 1), ((4, 5, 3), 2, 1)])
+@pytest.mark.parametrize("p", [1, 2])
+def test_position_mass_equals_the_norm_of_every_slice(shape, dim, groups, p):
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    n = t.shape[dim] * groups
+    got = position_mass(t, dim, groups, p)
+    if groups > 1:  # oracle: input channel c of block q reads t[q*og:(q+1)*og, c % cg]
+        og, cg = t.shape[0] // groups, t.shape[1]
+        want = [float(t[(c // cg) * og:(c // cg + 1) * og, c % cg].abs().pow(p).sum()) for c in range(n)]
+    else:
+        want = [float(t.select(dim, i).abs().pow(p).sum()) for i in range(n)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("span", [Span(0, 4, 2, 2), Span(1, 3, 2, 1), Span(0, 2, 1, 1, 2, 4)])
+def test_slice_mass_equals_the_gathered_slice_norm(span):
+    gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    ps = ParamSlice("0.weight", 0, span, "out")
+    units, vals = slice_values(gm.get_parameter("0.weight"), ps)
+    want = lp_norm(vals, 2, 1)
+    for tensor in (TensorCache(gm), lambda n: gm.get_parameter(n)):
+        u, got = slice_mass(tensor, ps, 2)
+        assert list(u) == list(units)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# -- shapes from metadata --------------------------------------------------------------------------------------
+
+def test_shape_verification_runs_no_forward(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("verify='shapes' ran the model")
+
+    monkeypatch.setattr(verify_mod, "run_outputs", boom)
+    res = fxprune.compile(_net(), _X, ratio=0.5, verify="shapes", result="graph")
+    assert res.report.groups_pruned > 0
+
+
+def test_shape_verification_from_metadata_still_catches_a_changed_output():
+    gm, inputs = fxprune.prepare(_net(), _X)
+    other, _ = fxprune.prepare(nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), _X)
+    ctx = Context(model=_net(), example_inputs=inputs, original=gm)
+    assert verify_mod.output_shapes(gm) == [(2, 5)] and verify_mod.output_shapes(other) == [(2, 4)]
+    with pytest.raises(VerificationError, match=r"\(2, 5\)\] -> \[\(2, 4\)"):
+        verify_mod.Verify().run(other, ctx)
+    meta.drop(other, "shapes")  # no metadata: a real run decides, and finds the same
+    with pytest.raises(VerificationError, match="changes the output shapes"):
+        verify_mod.Verify().run(other, ctx)
+
+
+# -- the class copy's program ------------------------------------------------------------------------------------
+
+def _trace(m: nn.Module) -> fx.GraphModule:
+    return fx.symbolic_trace(m)
+
+
+def test_same_program_accepts_the_same_forward_and_refuses_a_different_one():
+    a = _net()
+    g = fx.symbolic_trace(a)
+    assert same_program(a, g, _trace) == ""
+    b = _net()
+    b.c1.stride = (2, 2)  # the same tensors are not enough: an attribute differs
+    for name, p in a.named_parameters():
+        b.get_parameter(name).data = p.data
+    assert "module c1" in same_program(b, g, _trace)
+
+    class Other(_Net):
+        def forward(self, x):
+            return super().forward(x * 2)
+
+    c = Other()
+    c.load_state_dict(a.state_dict())
+    assert same_program(c, g, _trace) != ""
+
+
+class _HardCoded(nn.Module):
+    """A forward that hard-codes the width the pruning changes: its copy does not trace to the graph's program."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.c(x).reshape(x.shape[0], 8 * 4))
+
+
+def test_a_class_copy_that_is_not_the_same_program_is_checked_by_its_outputs():
+    x = torch.randn(2, 3, 2, 2)
+    res = fxprune.compile(randomize(_HardCoded()), x, ratio=0.5)
+    notes = " ".join(res.report.notes)
+    assert res.report.groups_pruned > 0
+    assert "traces to the same program" not in notes
+    assert res.report.form == "GraphModule" and "could not be kept" in notes
+    out = res.module(x)
+    assert out.shape == (2, 3)
+
+
+def test_a_traced_class_copy_is_accepted_without_running():
+    res = fxprune.compile(_net(), _X, ratio=0.5)
+    assert res.report.form == "class _Net"
+    assert any("traces to the same program" in n for n in res.report.notes)
+    torch.testing.assert_close(res.module(_X), res.graph_module(_X))
+    x3 = torch.randn(3, 3, 6, 6)
+    torch.testing.assert_close(res.module(x3), res.graph_module(x3))
