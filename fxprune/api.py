@@ -243,7 +243,8 @@ def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], opt
     program = ""
     try:
         rb = rebuild(model, res.graph_module, res.analysis, res.selection, res.original, options.rule_table)
-        program = "not traced" if trace_fn is None else same_program(rb.module, res.graph_module, trace_fn)
+        program = "not traced" if trace_fn is None else same_program(
+            rb.module, res.graph_module, trace_fn, res.original.graph if rb.swaps_only else None)
         why, second = ("", True) if not program else verify_rebuilt(rb.module, res.graph_module, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the graph result, say why
         rb, why, second = None, f"could not be made ({type(exc).__name__}: {summary(exc)})", False

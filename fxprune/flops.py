@@ -76,6 +76,7 @@ import torch.nn as nn
 
 from .errors import MissingShapeMetaError, node_location
 from .rules import RULES, RuleTable
+from .rules.axes import submodule
 
 __all__ = ["Cost", "MissingShapeMetaError", "count_cost", "node_macs", "module_owner"]
 
@@ -170,7 +171,7 @@ def count_cost(gm: torch.fx.GraphModule, rules: RuleTable = RULES) -> Cost:
     for node in gm.graph.nodes:
         macs = 0
         if node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
+            mod = submodule(gm, str(node.target))
             add_params(mod.parameters())
             rule = rules.lookup(gm, node)
             if rule is None or not rule.has_macs():

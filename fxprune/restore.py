@@ -23,7 +23,6 @@ graph result is returned instead, with the reason in the report (``result="auto"
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -33,10 +32,12 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .clone import copy_module
 from .errors import summary
 from .export import tensors_only
 from .passes.verify import compare_outputs
 from .rules import RULES, RuleTable
+from .rules.axes import submodule
 from .rules.base import RewriteContext
 
 __all__ = ["rebuild", "verify_rebuilt", "same_program", "second_inputs", "Rebuilt"]
@@ -58,6 +59,9 @@ class Rebuilt:
     config: list[str]
     #: '' when ``config`` describes the pruned model (save_pretrained/from_pretrained round-trip), else why not
     config_mismatch: str
+    #: True when every changed module is the graph result's own module and nothing else was changed (no
+    #: attribute, no config): the copy's forward then traces to the captured program with those swapped in
+    swaps_only: bool = False
 
 
 def _named_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -238,7 +242,7 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
                 q = f"{name}.{k}" if name else k
                 if t is not None and q in state:
                     memo.setdefault(id(t), state[q])
-    new = copy.deepcopy(model, memo)
+    new = copy_module(model, memo)
     changed = _changed_modules(model, keep_of)
     graph_mods = dict(graph_module.named_modules())
     calls: dict[str, list[fx.Node]] = {}
@@ -246,6 +250,7 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
         if n.op == "call_module":
             calls.setdefault(str(n.target), []).append(n)
     attributes: list[str] = []
+    swaps_only = True
     for path in sorted(changed, key=lambda p: -p.count(".")):
         old = model.get_submodule(path) if path else model
         cur = new.get_submodule(path) if path else new
@@ -253,6 +258,7 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
         if g is not None and type(g) is not nn.Module and path in calls:  # fx: the rewrite's own module
             _set_module(new, path, g)
             continue
+        swaps_only = False
         rule = rules.module_rule(old)
         if rule is not None:
             fixed = rule.fix_module(cur, old, path, rw, calls.get(path, ()))
@@ -263,26 +269,35 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
     attributes += _update_counts(new, model, changed)
     config, mismatch = _update_config(new, model, changed)
     new.train(model.training)
-    return Rebuilt(new, attributes, config, mismatch)
+    return Rebuilt(new, attributes, config, mismatch, swaps_only and not attributes and not config)
 
 
-def same_program(rebuilt: nn.Module, graph_module: fx.GraphModule, trace_fn: Callable[[nn.Module], fx.GraphModule]
-                 ) -> str:
-    """'' when ``rebuilt``'s own ``forward``, traced symbolically (``trace_fn``, in eval mode), is the graph
-    result's program: the same nodes, in order, with the same targets, the same literal arguments, the very
-    same modules (or modules of the same type, attributes and tensors) and tensors. Then the two compute one
-    function at every input size, and no forward needs to run; else what differs (the caller falls back to
-    comparing outputs)."""
-    flags = {m: m.training for m in rebuilt.modules()}
-    rebuilt.eval()
-    try:
-        traced = trace_fn(rebuilt)
-    except Exception as exc:  # noqa: BLE001 - a class that does not trace is compared by its outputs
-        return f"does not trace ({type(exc).__name__})"
-    finally:
-        for m, t in flags.items():
-            m.training = t
-    a, b = list(traced.graph.nodes), list(graph_module.graph.nodes)
+def same_program(rebuilt: nn.Module, graph_module: fx.GraphModule,
+                 trace_fn: Callable[[nn.Module], fx.GraphModule] | None = None, captured: fx.Graph | None = None) -> str:
+    """'' when ``rebuilt``'s own ``forward`` is the graph result's program: the same nodes, in order, with the
+    same targets, the same literal arguments, the very same modules (or modules of the same type, attributes
+    and tensors) and tensors. Then the two compute one function at every input size, and no forward needs
+    to run; else what differs (the caller falls back to comparing outputs).
+
+    The program of ``rebuilt`` is ``trace_fn(rebuilt)`` (traced in eval mode), or ``captured``: the graph
+    captured from the user's model, valid for ``rebuilt`` when the rebuild only swapped in the graph result's
+    modules (:attr:`Rebuilt.swaps_only`: every attribute the forward reads is as it was when captured), its
+    modules and tensors then looked up in ``rebuilt``."""
+    if captured is not None:
+        graph, root = captured, rebuilt
+    else:
+        assert trace_fn is not None
+        flags = {m: m.training for m in rebuilt.modules()}
+        rebuilt.eval()
+        try:
+            root = trace_fn(rebuilt)
+        except Exception as exc:  # noqa: BLE001 - a class that does not trace is compared by its outputs
+            return f"does not trace ({type(exc).__name__})"
+        finally:
+            for m, t in flags.items():
+                m.training = t
+        graph = root.graph
+    a, b = list(graph.nodes), list(graph_module.graph.nodes)
     if len(a) != len(b):
         return f"traces to {len(a)} nodes, the graph result has {len(b)}"
     pos = {n: i for i, n in enumerate(a)}
@@ -292,16 +307,16 @@ def same_program(rebuilt: nn.Module, graph_module: fx.GraphModule, trace_fn: Cal
             return f"node {y.name}: {x.op} {x.target} vs {y.op} {y.target}"
         if not _same_value((x.args, x.kwargs), (y.args, y.kwargs), pos, pos_b):
             return f"node {y.name}: arguments {x.args} vs {y.args}"
-        if x.op == "call_module" and not _same_module(traced.get_submodule(x.target), graph_module.get_submodule(y.target)):
+        if x.op == "call_module" and not _same_module(submodule(root, x.target), submodule(graph_module, y.target)):
             return f"module {x.target} differs"
-        if x.op == "get_attr" and not _same_value(_attr(traced, x.target), _attr(graph_module, y.target), {}, {}):
+        if x.op == "get_attr" and not _same_value(_attr(root, x.target), _attr(graph_module, y.target), {}, {}):
             return f"attribute {x.target} differs"
     return ""
 
 
 def _attr(m: nn.Module, path: str) -> Any:
     owner, _, name = path.rpartition(".")
-    return getattr(m.get_submodule(owner) if owner else m, name)
+    return getattr(submodule(m, owner), name)
 
 
 def _same_value(x: Any, y: Any, pos: dict, pos_b: dict) -> bool:

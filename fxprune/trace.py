@@ -13,7 +13,6 @@ works on the result. The analysis is front-end agnostic: it only needs a GraphMo
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import logging
@@ -24,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 from . import meta
+from .clone import copy_module
 from .errors import InputError, TraceError
 
 __all__ = ["FxpruneTracer", "trace", "normalize_inputs", "copy_model", "TRACE_THROUGH"]
@@ -111,7 +111,7 @@ def copy_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
                 if type(p) is nn.Parameter and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     try:
-        return copy.deepcopy(model, memo)
+        return copy_module(model, memo)
     except Exception as exc:  # deepcopy can fail on exotic attributes; keep the cause
         raise InputError(
             f"cannot copy the model ({type(exc).__name__}: {exc}); fxprune works on a copy so the "

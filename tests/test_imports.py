@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent / "fxprune"
 
 #: layer of each module or package (bottom = 0); a module may import only from its own layer or below
 LAYERS = {
-    "errors": 0, "ir": 0, "meta": 0, "version": 0,
+    "errors": 0, "ir": 0, "meta": 0, "version": 0, "clone": 0,
     "trace": 1, "modules": 1, "export": 1,
     "rules": 2,
     "shapes": 3, "flops": 3,

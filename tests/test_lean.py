@@ -196,3 +196,36 @@ def test_a_traced_class_copy_is_accepted_without_running():
     torch.testing.assert_close(res.module(_X), res.graph_module(_X))
     x3 = torch.randn(3, 3, 6, 6)
     torch.testing.assert_close(res.module(x3), res.graph_module(x3))
+
+
+# -- the structural copy ------------------------------------------------------------------------------------------
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = {"width": 4}
+        self.a = nn.Linear(4, 4)
+        self.b = self.a  # one module under two names
+        self.rnn = nn.GRU(4, 4)  # a class whose __setstate__ does real work: copied by deepcopy itself
+        self.blocks = nn.ModuleList([nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)])
+        self.blocks[0].extra = self.cfg  # one plain object shared by two modules
+        self.register_buffer("steps", torch.tensor(3))
+
+
+def test_copy_module_is_a_deepcopy():
+    import copy as pycopy
+
+    from fxprune.clone import copy_module
+
+    m = _Shared()
+    c = copy_module(m)
+    ref = pycopy.deepcopy(m)
+    assert type(c) is _Shared and c.b is c.a and c.a is not m.a
+    assert c.blocks[0].extra is c.cfg and c.cfg is not m.cfg and c.cfg == m.cfg
+    assert {k: v.shape for k, v in c.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert all(torch.equal(c.state_dict()[k], v) for k, v in m.state_dict().items())
+    assert not {t.data_ptr() for t in c.state_dict().values()} & {t.data_ptr() for t in m.state_dict().values()}
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(c.rnn(x[None])[0], m.rnn(x[None])[0])
+    shared = copy_module(m, {id(p): p for p in m.parameters()})  # a memo maps tensors to replacements
+    assert shared.a.weight is m.a.weight and shared.blocks[1].running_mean is not m.blocks[1].running_mean

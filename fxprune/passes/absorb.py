@@ -53,6 +53,7 @@ from ..ir import ChannelGroup, ParamSlice, Selection, member_units
 from ..pipeline import Context, Pass, PassResult
 from ..flops import count_cost
 from ..rules import RULES, RuleTable
+from ..rules.axes import submodule
 from ..rules.base import lookup_tensor
 from .importance import unit_mass
 from .rewrite import provenance
@@ -228,7 +229,7 @@ def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: set[int
         if attr != "weight" or ps.is_buffer or ps.groups > 1:
             continue
         try:
-            mod = gm.get_submodule(owner)
+            mod = submodule(gm, owner)
         except AttributeError:
             continue
         if ps.role == "norm" and isinstance(mod, _NormBase) and mod.affine:
@@ -295,7 +296,7 @@ def plan_absorption(gm: fx.GraphModule, analysis: Any, selection: Selection,
             units = sorted(u for u in candidates if u in set(int(x) for x in member_units(ps)))
             if not units:
                 continue
-            mod = gm.get_submodule(owner) if owner else gm
+            mod = submodule(gm, owner)
             supported = attr == "weight" and ps.dim == 1 and (
                 isinstance(mod, nn.Linear) or (isinstance(mod, _ConvNd) and not isinstance(mod, _ConvTransposeNd)))
             if not supported or owner not in calls or not all(

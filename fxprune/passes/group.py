@@ -33,6 +33,7 @@ from ..ir import ChannelGroup, ChannelRef, Constraint, Explicit, ParamSlice, Sel
 from ..meta import is_multi, shape_of
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
+from ..rules.axes import submodule
 from ..rules.base import AxisTable, RuleContext, is_state, op_key
 
 __all__ = ["Analysis", "analyze_graph", "GroupChannels", "components"]
@@ -219,7 +220,7 @@ def _carries_channels(gm: fx.GraphModule, node: fx.Node, table: AxisTable, label
                       produced: np.ndarray) -> bool:
     """Whether some dim of ``node``'s inputs or outputs is tied to channels some op produces."""
     rc = RuleContext(table, gm, node, "unknown")
-    if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
+    if node.op == "call_module" and any(True for _ in submodule(gm, node.target).parameters()):
         return True  # a layer with weights of its own
     return any(produced[labels[ax.ids()]].any() for ax in _node_axes(rc, node))
 
@@ -236,7 +237,7 @@ def _block_node(gm: fx.GraphModule, node: fx.Node, table: AxisTable, reason: str
                 for ax in rc.all_dims(x, i):
                     rc.pin(ax, full, block_group=True)
     if node.op == "call_module":  # its parameters cannot shrink either
-        for pname, p in gm.get_submodule(node.target).named_parameters():
+        for pname, p in submodule(gm, node.target).named_parameters():
             for d in range(p.dim()):
                 rc.pin(rc.param(f"{node.target}.{pname}", d, "other"), full, block_group=True)
 

@@ -23,7 +23,7 @@ from ..errors import InputError, RewriteError, node_location
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
-from ..rules.axes import tied_names
+from ..rules.axes import submodule, tied_names
 from ..rules.base import RewriteContext, lookup_tensor, slice_param
 from ..flops import count_cost
 from ..shapes import propagate_shapes
@@ -73,7 +73,7 @@ def rewrite_graph(
         if node.op == "call_module":
             calls.setdefault(str(node.target), []).append(node)
     for target, nodes in calls.items():
-        mod = gm.get_submodule(target)
+        mod = submodule(gm, target)
         rule = rules.module_rule(mod)
         try:
             new = rule.rewrite_module(mod, target, rw, nodes) if rule is not None else copy.deepcopy(mod)

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import UnsupportedOpError
 from ..meta import shape_of
-from .axes import Axis, AxisTable, ParamInfo, RuleContext, is_state, lookup_tensor, op_key
+from .axes import Axis, AxisTable, ParamInfo, RuleContext, is_state, lookup_tensor, op_key, submodule
 
 __all__ = ["Axis", "AxisTable", "ParamInfo", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES", "is_state", "patch_sizes",
            "op_key", "lookup_tensor", "slice_param", "shrink_tensors"]
@@ -288,7 +288,7 @@ class RuleTable:
 
     def lookup(self, gm: fx.GraphModule, node: fx.Node) -> Rule | None:
         if node.op == "call_module":
-            return self.module_rule(gm.get_submodule(node.target))
+            return self.module_rule(submodule(gm, node.target))
         if node.op == "call_function":
             try:
                 return self.functions.get(node.target)
@@ -313,7 +313,7 @@ class RuleTable:
     def missing(self, gm: fx.GraphModule, node: fx.Node) -> UnsupportedOpError:
         key = op_key(gm, node)
         if node.op == "call_module":
-            t = type(gm.get_submodule(node.target))
+            t = type(submodule(gm, node.target))
             fix = (
                 f"fxprune.register_module_rule({t.__module__}.{t.__qualname__}, rule) with a rule that "
                 "states how its channels are tied (see examples/custom_rule.py), or "

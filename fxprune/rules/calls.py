@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..meta import shape_of
+from .axes import submodule
 from .base import RULES, RewriteContext, Rule, RuleContext, RuleTable, is_state, lookup_tensor, shrink_tensors
 
 __all__ = ["Bound", "Family", "Consumer", "ParamOrigin", "aten_overloads", "aten_name", "aten_self", "schema_args",
@@ -390,7 +391,7 @@ class Bound(Rule):
 
 
 def module_of(node: fx.Node, gm: fx.GraphModule) -> nn.Module:
-    return gm.get_submodule(str(node.target))
+    return submodule(gm, str(node.target))
 
 
 def tensor_shape(gm: nn.Module, w: Any) -> tuple[int, ...] | None:
