@@ -114,14 +114,16 @@ def _fix_plain_attributes(new: nn.Module, old: nn.Module) -> list[str]:
     return changed
 
 
-def _counts(old: nn.Module, new: nn.Module, head_dim: int | None) -> dict[str, dict[int, int]]:
+def _counts(old: nn.Module, new: nn.Module, head_dim: int | None, paths: Sequence[str] | None = None
+            ) -> dict[str, dict[int, int]]:
     """Old -> new head counts and widths below a module: inner and FFN widths and head counts from its 2-D
-    weights, the hidden size from its embedding tables (the model width every layer reads and writes)."""
+    weights, the hidden size from its embedding tables (the model width every layer reads and writes).
+    ``paths``: the modules below ``old`` whose tensors changed (the others cannot count anything new)."""
     out: dict[str, dict[int, int]] = {"inner": {}, "heads": {}, "ffn": {}, "hidden": {}}
-    new_mods = dict(new.named_modules())
-    for name, m in old.named_modules():
+    pairs = ((p, submodule(old, p), submodule(new, p)) for p in paths) if paths is not None else (
+        (name, m, dict(new.named_modules()).get(name)) for name, m in old.named_modules())
+    for _, m, n in pairs:
         w = getattr(m, "weight", None)
-        n = new_mods.get(name)
         nw = getattr(n, "weight", None) if n is not None else None
         if not isinstance(w, torch.Tensor) or not isinstance(nw, torch.Tensor) or w.dim() != 2 or w.shape == nw.shape:
             continue
@@ -158,27 +160,43 @@ def _head_dim(m: nn.Module) -> int | None:
     return None
 
 
-def _update_counts(new: nn.Module, old: nn.Module, changed: list[str]) -> list[str]:
+def _reshaped(old: nn.Module, new: nn.Module) -> list[str]:
+    """Paths of the modules whose 2-D ``weight`` has another shape in ``new`` (tied aliases included)."""
+    new_mods = dict(new.named_modules(remove_duplicate=False))
+    out = []
+    for name, m in old.named_modules(remove_duplicate=False):
+        w, n = getattr(m, "weight", None), new_mods.get(name)
+        nw = getattr(n, "weight", None) if n is not None else None
+        if isinstance(w, torch.Tensor) and isinstance(nw, torch.Tensor) and w.dim() == 2 and w.shape != nw.shape:
+            out.append(name)
+    return out
+
+
+def _update_counts(new: nn.Module, old: nn.Module, changed: list[str], reshaped: list[str]) -> list[str]:
     """Head counts and inner/FFN widths of every module above a changed leaf (see the module docstring)."""
     done: list[str] = []
     leaf = set(changed)
     for name, m in old.named_modules():
         if name in leaf or not any(c == name or c.startswith(name + ".") if name else True for c in changed):
             continue
-        target = new.get_submodule(name) if name else new
-        counts = _counts(m, target, _head_dim(m))
-        for k, v in vars(m).items():
-            if k.startswith("_") or k in _SKIP or isinstance(v, bool) or not isinstance(v, int):
-                continue
+        below = [c[len(name) + 1:] if name else c for c in reshaped if not name or c.startswith(name + ".")]
+        counted: list[str] = [k for k, v in vars(m).items() if not k.startswith("_") and k not in _SKIP
+                              and isinstance(v, int) and not isinstance(v, bool) and _kind(k) is not None]
+        if not counted:  # no attribute that counts heads or widths: nothing to update here
+            continue
+        target = submodule(new, name)
+        counts = _counts(m, target, _head_dim(m), below)
+        for k in counted:
+            v = vars(m)[k]
             kind = _kind(k)
-            if kind is None or v not in counts[kind]:
+            if v not in counts[kind]:
                 continue
             setattr(target, k, counts[kind][v])
             done.append(f"{name + '.' if name else ''}{k}: {v} -> {counts[kind][v]}")
     return done
 
 
-def _update_config(new: nn.Module, old: nn.Module, changed: list[str]) -> tuple[list[str], str]:
+def _update_config(new: nn.Module, old: nn.Module, reshaped: list[str]) -> tuple[list[str], str]:
     """The model's ``config`` (Hugging Face style): the head counts and widths the pruning changed.
 
     Returns the updates and '' when the updated config describes the pruned model (a fresh instance of the
@@ -190,7 +208,7 @@ def _update_config(new: nn.Module, old: nn.Module, changed: list[str]) -> tuple[
     head_dim = getattr(cfg, "head_dim", None) or (
         cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "hidden_size", None) and getattr(
             cfg, "num_attention_heads", None) else None)
-    counts = _counts(old, new, head_dim)
+    counts = _counts(old, new, head_dim, reshaped)
     updates: dict[str, Any] = {}
     for k, v in cfg.to_dict().items():
         if isinstance(v, bool) or not isinstance(v, int) or k in _SKIP:
@@ -266,8 +284,9 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
                 _set_module(new, path, fixed)
         else:
             attributes += [f"{path}.{a}" for a in _fix_plain_attributes(cur, old)]
-    attributes += _update_counts(new, model, changed)
-    config, mismatch = _update_config(new, model, changed)
+    reshaped = _reshaped(model, new)
+    attributes += _update_counts(new, model, changed, reshaped)
+    config, mismatch = _update_config(new, model, reshaped)
     new.train(model.training)
     return Rebuilt(new, attributes, config, mismatch, swaps_only and not attributes and not config)
 

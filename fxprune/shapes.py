@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -144,7 +145,19 @@ def _same_shape_output(mod: nn.Module, x: Any) -> torch.Tensor | None:
         return _meta_like(x)
     if cls is nn.Linear and x.dim() >= 1 and x.shape[-1] == mod.in_features and x.dtype == mod.weight.dtype:
         return torch.empty((*x.shape[:-1], mod.out_features), dtype=x.dtype, device="meta")
+    k = _ADAPTIVE.get(cls)
+    if k is not None and x.dim() in (k + 1, k + 2) and not getattr(mod, "return_indices", False) and \
+            x.is_floating_point() and all(n > 0 for n in x.shape[-k:]):
+        size = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,) * k
+        if len(size) == k and all(isinstance(s, int) or s is None for s in size):
+            out = [n if s is None else s for n, s in zip(x.shape[-k:], size, strict=True)]
+            return torch.empty((*x.shape[:-k], *out), dtype=x.dtype, device="meta")
     return None
+
+
+#: adaptive pooling modules -> the number of trailing dims they pool (their meta path is a Python decomposition)
+_ADAPTIVE: dict[type, int] = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+                              nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
 
 
 def _conv_output(mod: nn.Module, x: Any) -> torch.Tensor | None:
@@ -164,6 +177,9 @@ def _conv_output(mod: nn.Module, x: Any) -> torch.Tensor | None:
     return torch.empty((x.shape[0], mod.out_channels, *size), dtype=x.dtype, device="meta")
 
 
+_IN_PLACE = (operator.iadd, operator.imul)
+
+
 def _elementwise_output(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``empty_like`` for an element-wise op whose tensor operands all have one shape, dtype and layout."""
     if target not in SAME_DTYPE_FUNCTIONS or any(k not in ("inplace", "alpha", "approximate") for k in kwargs):
@@ -172,12 +188,18 @@ def _elementwise_output(target: Any, args: tuple, kwargs: dict) -> torch.Tensor 
     if not tensors or any(not isinstance(a, (torch.Tensor, int, float, bool)) for a in args):
         return None
     t0 = tensors[0]
-    if any(t.device.type != "meta" or t.shape != t0.shape or t.dtype != t0.dtype or t.stride() != t0.stride()
-           for t in tensors):
-        return None
-    if any(isinstance(a, float) for a in args) and not t0.is_floating_point():
-        return None  # type promotion: let torch decide
-    return _meta_like(t0)
+    if not t0.is_floating_point() or any(t.device.type != "meta" or t.dtype != t0.dtype for t in tensors):
+        return None  # integer arithmetic promotes (int / int is float): let torch decide
+    if all(t.shape == t0.shape and t.stride() == t0.stride() for t in tensors):
+        return _meta_like(t0)
+    if target not in _IN_PLACE and all(t.is_contiguous() for t in tensors):
+        # broadcasting contiguous operands gives a contiguous result
+        try:
+            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        except RuntimeError:
+            return None  # let the real kernel raise its own error
+        return torch.empty(shape, dtype=t0.dtype, device="meta")
+    return None
 
 
 def _batch_norm_output(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -228,7 +250,7 @@ def _swapped_to_meta(gm: fx.GraphModule):
 
     def meta_of(t: torch.Tensor) -> Any:
         if id(t) not in swapped:  # shared tensors stay shared
-            m = torch.empty_like(t, device="meta")
+            m = _meta_like(t) if t.layout == torch.strided else torch.empty_like(t, device="meta")
             swapped[id(t)] = nn.Parameter(m, t.requires_grad) if isinstance(t, nn.Parameter) else m
         return swapped[id(t)]
 

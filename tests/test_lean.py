@@ -229,3 +229,43 @@ def test_copy_module_is_a_deepcopy():
     torch.testing.assert_close(c.rnn(x[None])[0], m.rnn(x[None])[0])
     shared = copy_module(m, {id(p): p for p in m.parameters()})  # a memo maps tensors to replacements
     assert shared.a.weight is m.a.weight and shared.blocks[1].running_mean is not m.blocks[1].running_mean
+
+
+# -- meta shortcuts agree with torch's kernels ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mod,shape", [(nn.AdaptiveAvgPool2d(1), (2, 3, 5, 7)), (nn.AdaptiveAvgPool2d((2, None)), (2, 3, 5, 7)),
+                                       (nn.AdaptiveMaxPool1d(3), (4, 9)), (nn.AdaptiveAvgPool3d((1, 2, 3)), (1, 2, 4, 4, 4))])
+def test_adaptive_pool_shortcut_matches_the_kernel(mod, shape):
+    from fxprune.shapes import propagate_shapes
+    gm = fx.symbolic_trace(nn.Sequential(mod))
+    x = torch.randn(shape)
+    propagate_shapes(gm, (x,))
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert tuple(meta.shape_of(node)) == tuple(mod(x).shape)
+
+
+@pytest.mark.parametrize("a,b", [((2, 8, 4, 4), (2, 8, 1, 1)), ((8, 1, 4), (1, 3, 4)), ((5,), (3, 5))])
+@pytest.mark.parametrize("op", ["mul", "add", "iadd"])
+def test_broadcast_shortcut_matches_the_kernel(a, b, op):
+    import operator
+
+    from fxprune.shapes import propagate_shapes
+
+    f = getattr(operator, op)
+
+    class M(nn.Module):
+        def forward(self, x, y):
+            return f(x, y)
+
+    gm = fx.symbolic_trace(M())
+    xs = (torch.randn(a), torch.randn(b))
+    try:  # oracle: the traced graph run for real (fx records x += y on proxies as x + y)
+        want = tuple(gm(xs[0].clone(), xs[1]).shape)
+    except RuntimeError:
+        with pytest.raises(Exception):
+            propagate_shapes(gm, xs)
+        return
+    propagate_shapes(gm, xs)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert tuple(meta.shape_of(node)) == want
+    assert meta.tensor_meta(node).dtype == torch.float32

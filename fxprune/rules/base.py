@@ -35,6 +35,7 @@ after every rule ran, except for a dim some rule gave a grouped view.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
@@ -225,6 +226,9 @@ class Rule:
         return f"<rule {self.name}>"
 
 
+_PLAIN_CONTAINERS = (dict, OrderedDict, list, set)
+
+
 def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.Module:
     """A copy of ``module`` whose direct parameters/buffers are sliced by their axes' keep masks.
 
@@ -233,7 +237,7 @@ def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.M
     new = copy.copy(module)
     for k, v in module.__dict__.items():  # hook tables etc.: a dict shared with the original would leak
         if isinstance(v, (dict, list, set)):
-            new.__dict__[k] = copy.copy(v)
+            new.__dict__[k] = v.copy() if type(v) in _PLAIN_CONTAINERS else copy.copy(v)
     prefix = f"{qualname}." if qualname else ""
     for store, is_param in ((new._parameters, True), (new._buffers, False)):
         for name, t in list(store.items()):
