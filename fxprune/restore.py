@@ -260,13 +260,17 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
                 q = f"{name}.{k}" if name else k
                 if t is not None and q in state:
                     memo.setdefault(id(t), state[q])
-    new = copy_module(model, memo)
     changed = _changed_modules(model, keep_of)
     graph_mods = dict(graph_module.named_modules())
     calls: dict[str, list[fx.Node]] = {}
     for n in traced.graph.nodes:
         if n.op == "call_module":
             calls.setdefault(str(n.target), []).append(n)
+    for path in changed:  # a module the graph result rebuilt is used as it is: never copied first
+        g = graph_mods.get(path)
+        if path and g is not None and type(g) is not nn.Module and path in calls:
+            memo.setdefault(id(submodule(model, path)), g)
+    new = copy_module(model, memo)
     attributes: list[str] = []
     swaps_only = True
     for path in sorted(changed, key=lambda p: -p.count(".")):

@@ -269,3 +269,32 @@ def test_broadcast_shortcut_matches_the_kernel(a, b, op):
     node = next(n for n in gm.graph.nodes if n.op == "call_function")
     assert tuple(meta.shape_of(node)) == want
     assert meta.tensor_meta(node).dtype == torch.float32
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_attention_shortcut_matches_the_module(batch_first, pruned):
+    from fxprune import shapes
+    from fxprune.modules.mha import PrunedMultiheadAttention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    mod = PrunedMultiheadAttention.from_mha(mha, [0, 2], keep_out=list(range(0, 16, 2))) if pruned else mha
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = mod
+
+        def forward(self, x):
+            return self.a(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, 5, 16)
+    gm, _ = fxprune.prepare(M(), x)
+    q = torch.empty(2, 5, 16, device="meta")
+    out = shapes._attention_output(gm.a, (q, q, q), {"need_weights": False})
+    assert out is not None and out[1] is None  # the shortcut applies, and agrees with the real module:
+    real = mod(x, x, x, need_weights=False)[0]
+    assert tuple(out[0].shape) == tuple(real.shape) and out[0].stride() == real.stride()
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert tuple(meta.tensor_meta(node)[0].shape) == tuple(real.shape)

@@ -416,33 +416,40 @@ class PrunedMultiheadAttention(nn.Module):
             add_zero_attn=mha.add_zero_attn,
             dropout=mha.dropout,
             batch_first=mha.batch_first,
-            device=dev,
+            device="meta",  # shapes only: every parameter is set below from mha's (no initialisation to undo)
             dtype=ref.dtype,
         )
         if (mha.out_proj.bias is not None) != (new.out_proj.bias is not None):
             # in_proj and out_proj biases were toggled separately on the source module.
             new.out_proj = nn.Linear(new.inner_dim, new.out_dim, bias=mha.out_proj.bias is not None,
-                                     device=dev, dtype=ref.dtype)
+                                     device="meta", dtype=ref.dtype)
 
-        def copy(dst: nn.Parameter, src: Tensor, *srcs_for_grad: Tensor) -> None:
-            dst.copy_(src)
-            dst.requires_grad_(any(s.requires_grad for s in srcs_for_grad))
+        def put(owner: nn.Module, name: str, src: Tensor, *srcs_for_grad: Tensor) -> None:
+            dst = getattr(owner, name)
+            if tuple(src.shape) != tuple(dst.shape):
+                raise RuntimeError(f"from_mha: {name} of shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+            fresh = src.clone() if src.untyped_storage().data_ptr() in sources else src  # never mha's storage
+            setattr(owner, name, nn.Parameter(fresh, requires_grad=any(s.requires_grad for s in srcs_for_grad)))
 
+        sources = {t.untyped_storage().data_ptr() for t in mha.parameters()}
         with torch.no_grad():
-            copy(new.q_proj_weight, take(take(wq, 0, rows), 1, qt),
-                 mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight)
-            copy(new.k_proj_weight, take(take(wk, 0, rows), 1, kt),
-                 mha.in_proj_weight if mha._qkv_same_embed_dim else mha.k_proj_weight)
-            copy(new.v_proj_weight, take(take(wv, 0, rows), 1, vt),
-                 mha.in_proj_weight if mha._qkv_same_embed_dim else mha.v_proj_weight)
+            put(new, "q_proj_weight", take(take(wq, 0, rows), 1, qt),
+                mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight)
+            put(new, "k_proj_weight", take(take(wk, 0, rows), 1, kt),
+                mha.in_proj_weight if mha._qkv_same_embed_dim else mha.k_proj_weight)
+            put(new, "v_proj_weight", take(take(wv, 0, rows), 1, vt),
+                mha.in_proj_weight if mha._qkv_same_embed_dim else mha.v_proj_weight)
             if mha.in_proj_bias is not None:
                 bq, bk, bv = mha.in_proj_bias.chunk(3)
-                copy(new.in_proj_bias, torch.cat([take(b, 0, rows) for b in (bq, bk, bv)]), mha.in_proj_bias)
+                put(new, "in_proj_bias", torch.cat([take(b, 0, rows) for b in (bq, bk, bv)]), mha.in_proj_bias)
             if has_bias_kv:
-                copy(new.bias_k, take(mha.bias_k, 2, rows), mha.bias_k)
-                copy(new.bias_v, take(mha.bias_v, 2, rows), mha.bias_v)
-            copy(new.out_proj.weight, take(take(mha.out_proj.weight, 0, ot), 1, rows), mha.out_proj.weight)
+                put(new, "bias_k", take(mha.bias_k, 2, rows), mha.bias_k)
+                put(new, "bias_v", take(mha.bias_v, 2, rows), mha.bias_v)
+            put(new.out_proj, "weight", take(take(mha.out_proj.weight, 0, ot), 1, rows), mha.out_proj.weight)
             if mha.out_proj.bias is not None:
-                copy(new.out_proj.bias, take(mha.out_proj.bias, 0, ot), mha.out_proj.bias)
+                put(new.out_proj, "bias", take(mha.out_proj.bias, 0, ot), mha.out_proj.bias)
+        left = [n for n, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"from_mha: {', '.join(left)} not set from the source module")
         new.train(mha.training)
         return new
