@@ -313,7 +313,7 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
             gid = _merge_groups(gids, group_of, unit_lists)
         new = uniq[group_of[uniq] < 0]
         group_of[new] = gid
-        unit_lists[gid].extend(int(x) for x in new)
+        unit_lists[gid].extend(new.tolist())
     for key, c in table.constraints:  # conv groups over a concat mix channel groups: select those as one
         if c.kind == "uniform":
             ax = table.axes[key]
@@ -325,8 +325,7 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
     remap = np.full(len(unit_lists) + 1, -1, dtype=np.int64)
     for new_id, g in enumerate(live):
         remap[g] = new_id
-        for pos, lab in enumerate(unit_lists[g]):
-            unit_of[lab] = pos
+        unit_of[np.asarray(unit_lists[g], dtype=np.int64)] = np.arange(len(unit_lists[g]))
     group_of = np.where(group_of >= 0, remap[group_of], -1)
     unit_lists = [unit_lists[g] for g in live]
     roots = [roots[g] for g in live]
