@@ -65,6 +65,11 @@ def make(name: str) -> tuple[Any, dict[str, Any]]:
         cfg = T.T5Config(vocab_size=V, d_model=128, d_kv=16, d_ff=256, num_layers=2, num_heads=8,
                          decoder_start_token_id=0)
         return T.T5ForConditionalGeneration(cfg).eval(), {**text, "decoder_input_ids": torch.randint(2, V, (1, 8))}
+    if name == "llama250m":  # ~270M parameters, full multi-head attention (what torch-pruning's recipe handles)
+        cfg = T.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                            num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
+        ids = torch.randint(2, 32000, (1, 32))
+        return T.LlamaForCausalLM(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if name == "vit":
         cfg = T.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=128, num_hidden_layers=2,
                           num_attention_heads=8, intermediate_size=256)
@@ -173,11 +178,22 @@ def run_torch_pruning(name: str) -> dict[str, Any]:
     classifier) ignored, then the attention modules' and the config's counts set from the new widths. The
     model is traced with ``use_cache=False`` (with the cache on, its tracer fails on the output)."""
     import torch
-    import torch_pruning as tp
 
     common.setup_torch()
     model, ex = make(name)
     base = _base(model, ex)
+    secs = tp_llm_prune(model, ex, name)
+    row = {"status": "ok", "s": secs, "groups": "–", "result": type(model).__name__}
+    with torch.no_grad():
+        row.update(measure(model, ex, base))
+    return row
+
+
+def tp_llm_prune(model: Any, ex: dict[str, Any], name: str = "") -> float:
+    """Prune ``model`` in place with torch-pruning's LLM recipe (see :func:`run_torch_pruning`); the seconds
+    the pruning call took."""
+    import torch_pruning as tp
+
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     atts = _attention_modules(model)
@@ -211,10 +227,7 @@ def run_torch_pruning(name: str) -> dict[str, Any]:
             setattr(model.config, key, emb)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = True
-    row = {"status": "ok", "s": secs, "groups": "–", "result": type(model).__name__}
-    with torch.no_grad():
-        row.update(measure(model, ex, base))
-    return row
+    return secs
 
 
 def main(argv: list[str] | None = None) -> int:
