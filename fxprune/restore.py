@@ -176,14 +176,15 @@ def _update_counts(new: nn.Module, old: nn.Module, changed: list[str], reshaped:
     """Head counts and inner/FFN widths of every module above a changed leaf (see the module docstring)."""
     done: list[str] = []
     leaf = set(changed)
+    above = {c[:i] for c in changed for i, ch in enumerate(c) if ch == "."} | {""}  # ancestors of a changed leaf
     for name, m in old.named_modules():
-        if name in leaf or not any(c == name or c.startswith(name + ".") if name else True for c in changed):
+        if name in leaf or name not in above:
             continue
-        below = [c[len(name) + 1:] if name else c for c in reshaped if not name or c.startswith(name + ".")]
         counted: list[str] = [k for k, v in vars(m).items() if not k.startswith("_") and k not in _SKIP
                               and isinstance(v, int) and not isinstance(v, bool) and _kind(k) is not None]
         if not counted:  # no attribute that counts heads or widths: nothing to update here
             continue
+        below = [c[len(name) + 1:] if name else c for c in reshaped if not name or c.startswith(name + ".")]
         target = submodule(new, name)
         counts = _counts(m, target, _head_dim(m), below)
         for k in counted:
