@@ -66,20 +66,22 @@ def register_method_rule(names: str | Iterable[str], rule: Rule, table: RuleTabl
 
 
 def _fewer_gc_passes(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn`` with Python's cyclic GC triggered less often (restored afterwards).
+    """Run ``fn`` with Python's cyclic garbage collector paused (re-enabled afterwards, as it was).
 
-    Tracing and analysis allocate hundreds of thousands of small objects; with the default thresholds the
-    collector re-walks the whole heap (the model, the graphs) many times a compile. Measured A/B in one
-    process, medians of 9: timm densenet121 compile 1.33x faster, efficientnet_b0 1.21x, resnet50d 0.96x."""
+    Tracing and analysis build large containers (node lists, axis tables) while allocating millions of small
+    objects; every young-generation collection re-walks the containers still being built, which makes the
+    collector's share grow with depth (measured: 29% of a 8000-block compile, 44 s -> 31 s without it).
+    Everything a compile allocates is freed by reference counting or by the next collection after it."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        old = gc.get_threshold()
-        gc.set_threshold(max(old[0], 50_000), *old[1:])
+        was = gc.isenabled()
+        gc.disable()
         try:
             return fn(*args, **kwargs)
         finally:
-            gc.set_threshold(*old)
+            if was:
+                gc.enable()
 
     return wrapper
 
