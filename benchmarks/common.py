@@ -349,7 +349,7 @@ def select_models(spec: str, exclude: str = "") -> list[str]:
     all_models = torchvision.models.list_models(module=torchvision.models)
     if spec:
         names = [s.strip() for s in spec.split(",") if s.strip()]
-        unknown = [n for n in names if n not in all_models]
+        unknown = [n for n in names if n not in all_models and not n.startswith("timm:")]
         if unknown:
             raise SystemExit(f"unknown model(s): {', '.join(unknown)}; known: {', '.join(all_models)}")
     else:
@@ -359,7 +359,8 @@ def select_models(spec: str, exclude: str = "") -> list[str]:
 
 
 def build_model(name: str, seed: int = 0) -> nn.Module:
-    """A torchvision classification model with random weights, eval mode, randomised norm layers."""
+    """A torchvision classification model (``timm:<name>``: a timm one) with random weights, eval mode,
+    randomised norm layers."""
     import warnings
 
     import torchvision
@@ -367,7 +368,12 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = torchvision.models.get_model(name, weights=None)
+        if name.startswith("timm:"):
+            import timm
+
+            model = timm.create_model(name[5:], pretrained=False)
+        else:
+            model = torchvision.models.get_model(name, weights=None)
     model.eval()
     randomize_norms(model, seed)
     return model

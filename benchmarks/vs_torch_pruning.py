@@ -26,8 +26,9 @@ instead and marked with ``†``.
 
     python benchmarks/vs_torch_pruning.py                    # all models
     python benchmarks/vs_torch_pruning.py --models resnet18,vit_b_16 --quick
-    python benchmarks/vs_torch_pruning.py --threads 1 --models resnet50,densenet121,mobilenet_v3_large,\
-        efficientnet_b0,convnext_tiny,regnet_y_800mf,vit_b_16      # the issue's table, 1 thread
+    python benchmarks/vs_torch_pruning.py --threads 1 --repeats 5 --models issue   # the 7 models of issue 14
+    python benchmarks/vs_torch_pruning.py --threads 1 --repeats 5 --models timm \
+        --out benchmarks/results/vs_torch_pruning_timm.md                           # 14 timm models
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ from torch import nn
 
 NAME = "vs_torch_pruning"
 RATIO = 0.5
+#: the issue's seven torchvision models (``--models issue``)
+ISSUE = ["resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_800mf",
+         "vit_b_16"]
+#: timm models both tools handle (``--models timm``; 128 px), from the coverage table
+TIMM = ["resnet18", "resnet50d", "seresnext26d_32x4d", "efficientnet_b0", "tf_efficientnetv2_b0",
+        "mobilenetv3_small_100", "mobilenetv4_conv_small", "ghostnet_100", "regnety_002", "convnext_atto",
+        "darknet53", "dla34", "repvgg_a0", "hrnet_w18_small"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -394,7 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = p.parse_args(argv)
     common.apply_threads(args)
     repeats = 1 if args.quick else args.repeats
-    models = common.select_models(args.models, args.exclude)
+    spec = {"issue": ",".join(ISSUE), "timm": ",".join("timm:" + n for n in TIMM)}.get(args.models, args.models)
+    models = common.select_models(spec, args.exclude)
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for i, name in enumerate(models):

@@ -298,3 +298,16 @@ def test_attention_shortcut_matches_the_module(batch_first, pruned):
     assert tuple(out[0].shape) == tuple(real.shape) and out[0].stride() == real.stride()
     node = next(n for n in gm.graph.nodes if n.op == "call_module")
     assert tuple(meta.tensor_meta(node)[0].shape) == tuple(real.shape)
+
+
+def test_timm_same_padding_conv_is_a_leaf_with_the_conv_rule():
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("tf_efficientnetv2_b0", pretrained=False).eval()
+    from models import randomize as rnd
+    rnd(m)
+    x = torch.randn(2, 3, 64, 64)
+    res = fxprune.compile(m, x, ratio=0.5, verify="equivalence")
+    assert not any("torch.export" in n for n in res.report.notes)  # the fx front end captured it
+    assert res.report.macs_after < 0.5 * res.report.macs_before
+    y = torch.randn(1, 3, 48, 80)  # "SAME" padding depends on the input size: another size must work too
+    torch.testing.assert_close(res.module(y), res.graph_module(y))

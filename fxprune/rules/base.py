@@ -248,6 +248,12 @@ def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.M
     return new
 
 
+#: subclasses (by qualified name) whose ``forward`` differs from their base's only in how it pads the spatial
+#: dims, so the base's rule describes their channels exactly: timm's TensorFlow-style "SAME" convolution
+#: (it pads by a size computed from the input, which symbolic tracing cannot follow)
+SAME_CHANNELS_AS: dict[str, type] = {"timm.layers.conv2d_same.Conv2dSame": nn.Conv2d}
+
+
 class RuleTable:
     """The rule table: keyed by module type (looked up along the MRO), function object, or method name."""
 
@@ -279,7 +285,8 @@ class RuleTable:
         for t in cls.__mro__:
             r = self.modules.get(t)
             if r is not None:
-                if t is not cls and getattr(cls, "forward", None) is not getattr(t, "forward", None):
+                if t is not cls and getattr(cls, "forward", None) is not getattr(t, "forward", None) and \
+                        SAME_CHANNELS_AS.get(f"{cls.__module__}.{cls.__qualname__}") is not t:
                     return None
                 return r
         return None
