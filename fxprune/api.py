@@ -5,8 +5,9 @@ The keyword form is sugar for the default pipeline (:class:`fxprune.options.Comp
     group(unknown_ops, ignore, allow_lossy) | importance | select(ratio|threshold|target_macs) | rewrite | absorb
     | verify | reconstruct
 
-Every option is validated before any work starts; the user's model is deep-copied before tracing, so
-nothing fxprune does can change it. Front ends: torch.fx, then torch.export, then the hierarchical front end
+Every option is validated before any work starts; the model's structure is copied before tracing and the
+copy's parameters are views of the user's that no pass writes (the rewrite slices fresh tensors), so nothing
+fxprune does can change the user's model. Front ends: torch.fx, then torch.export, then the hierarchical front end
 (:mod:`fxprune.hierarchical`, which receives this function to compile each region).
 """
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, coverage_torchvision, scaling, vs_torch_pruning  # noqa: E402
+from benchmarks import common, coverage_torchvision, memory, scaling, vs_torch_pruning  # noqa: E402
 
 
 def test_common_helpers():
@@ -115,3 +115,14 @@ def test_scaling_smoke_tp(tmp_path):
     r = rows[0]
     assert r["tp_error"] is None and r["tp_s"] > 0
     assert r["tp_macs_after"] < r["macs_before"]
+
+
+def test_memory_smoke(tmp_path):
+    """One fresh process per cell; the extra memory of fxprune on resnet18 includes at least its new weights."""
+    rows = memory.main(["--models", "resnet18", "--tools", "fx", "--out", str(tmp_path / "m.md")])
+    r = rows[0]
+    assert "error" not in r, r.get("error")
+    kept = r["params_after"] / r["params_before"]
+    assert 0 < kept < 0.6
+    assert r["extra"] >= 0.5 * kept * r["model_bytes"]  # the pruned weights are new memory (a loose floor)
+    assert "resnet18" in (tmp_path / "m.md").read_text()
