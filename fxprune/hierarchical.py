@@ -189,7 +189,7 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
                           "because the whole model cannot be captured as one graph) counts MACs per region: give a "
                           "fraction (e.g. target_macs=0.5: the regions keep half of their MACs)"
                           + (f"\nwhole-model capture failed: {summary(why)}" if why else ""))
-    work = copy_model(model).eval()
+    work = copy_model(model, share_weights=True).eval()  # read only: its forward is observed, never written
     rules = options.rule_table
     # a single layer with a rule is never a region: its input and output are the interface, nothing inside
     calls, expected = find_calls(work, inputs, lambda m: bool(m._modules) or not rules.has_module_rule(m))
@@ -262,17 +262,23 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         captured = {p: compile_region(p, {"target_macs": None, "ratio": ratio}) for p in captured}
         notes.append(f"target_macs={target}: ratio {ratio:.3f} in every region (MACs counted over the regions)")
     regions = [Region(p, calls[p], r) for p, r in captured.items() if r.report.groups_pruned > 0]
-    pruned = copy_model(model)
-    for reg in regions:
-        parent_name, _, attr = reg.path.rpartition(".")
-        parent = pruned.get_submodule(parent_name) if parent_name else pruned
+    swap: dict[int, nn.Module] = {}
+    for reg in regions:  # the pruned regions go straight into the copy (the user's regions are never copied)
         new = reg.result.module
         if not reg.call.plain:
             new = structured(new, reg.call.spec, reg.path)
-        carry_attributes(parent.get_submodule(attr), new)
-        setattr(parent, attr, new)
+        old = model.get_submodule(reg.path)
+        carry_attributes(old, new)
+        swap[id(old)] = new
+    pruned = copy_model(model, memo=swap)
     pruned.train(model.training)
-    check_contract(expected, copy_model(pruned).eval(), inputs)
+    flags = {m: m.training for m in pruned.modules()}
+    pruned.eval()
+    try:
+        check_contract(expected, pruned, inputs)
+    finally:
+        for m, t in flags.items():
+            m.training = t
     ctx = Context(model=model, example_inputs=inputs, original=None, calib=None, seed=options.seed)
     ctx.notes += notes
     unchanged = [p for p in captured if p not in {r.path for r in regions}]

@@ -97,14 +97,15 @@ def check_model_state(model: nn.Module) -> None:
                              "load_state_dict)")
 
 
-def copy_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
+def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, Any] | None = None) -> nn.Module:
     """A deep copy, so nothing fxprune does (tracing, shape propagation, eval()) touches the user's model.
 
     ``share_weights=True``: the copy's parameters are new ``nn.Parameter`` objects over the user's own
     storage (no weight is copied; buffers and everything else are). fxprune's compile reads such a copy only:
     the rewrite slices fresh tensors from it, and the passes that need gradients or write weights work on
-    copies of their own (the test suite checks the user's tensors' version counters stay unchanged)."""
-    memo: dict[int, Any] = {}
+    copies of their own (the test suite checks the user's tensors' version counters stay unchanged).
+    ``memo``: objects (by id) to use as they are in the copy, e.g. submodules replaced by pruned ones."""
+    memo = dict(memo or {})
     if share_weights:
         for mod in model.modules():
             for p in mod._parameters.values():

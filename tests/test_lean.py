@@ -311,3 +311,29 @@ def test_timm_same_padding_conv_is_a_leaf_with_the_conv_rule():
     assert res.report.macs_after < 0.5 * res.report.macs_before
     y = torch.randn(1, 3, 48, 80)  # "SAME" padding depends on the input size: another size must work too
     torch.testing.assert_close(res.module(y), res.graph_module(y))
+
+
+class _TwoRegions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 8, 3, padding=1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        y = self.body(x)
+        if float(y.mean()) > 1e9:  # data-dependent Python control flow: no whole-model graph
+            y = y * 0
+        return self.head(y)
+
+
+def test_hierarchical_front_end_shares_no_storage_and_writes_nothing():
+    model = randomize(_TwoRegions()).eval()
+    snap = snapshot(model)
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.compile(model, x, ratio=0.5, frontend="hierarchical")
+    assert_model_unchanged(model, snap, training=False)
+    assert res.regions and res.report.groups_pruned > 0
+    user = {p.data_ptr() for p in model.parameters()}
+    assert not user & {p.data_ptr() for p in res.module.parameters()}
+    assert res.module(x).shape == (2, 4)
