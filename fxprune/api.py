@@ -181,7 +181,7 @@ def _compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions |
     # -- work ---------------------------------------------------------------------------------------
     try:
         gm, inputs, capture_note = prepare_with_note(model, inputs, options.leaf_modules, rules, options.frontend,
-                                                      share_weights=True)
+                                                      share_weights=_reads_only(pipe, options))
         ctx = Context(model=model, example_inputs=inputs, original=gm, calib=options.calib, seed=options.seed,
                       pipeline=pipe)
         if capture_note:
@@ -225,6 +225,21 @@ def _compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions |
     traced_fx = not capture_note and options.frontend in ("auto", "whole", "fx")
     return _keep_class(model, res, inputs, options, trace_fn=functools.partial(
         trace, is_rule_leaf=rules.has_module_rule, leaf_modules=options.leaf_modules) if traced_fx else None)
+
+
+def _reads_only(pipe: Any, options: CompileOptions) -> bool:
+    """Whether the traced graph may view the user's weights instead of copying them: every pass is one of
+    fxprune's own (they never write the source graph's tensors) and no user callback sees the graph. A user
+    pass or callback gets a graph with its own copy of the weights, as before."""
+    if options.callback is not None or options.step_callback is not None:
+        return False
+
+    def own(p: Any) -> bool:
+        inner = [v for v in vars(p).values() if hasattr(v, "run") and hasattr(v, "name")]  # e.g. sequential's
+        return type(p).__module__.startswith("fxprune.") and type(p).__name__ != "_FunctionPass" and all(
+            own(q) for q in inner)
+
+    return all(own(p) for p in pipe.passes)
 
 
 def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], options: CompileOptions,

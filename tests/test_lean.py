@@ -337,3 +337,26 @@ def test_hierarchical_front_end_shares_no_storage_and_writes_nothing():
     user = {p.data_ptr() for p in model.parameters()}
     assert not user & {p.data_ptr() for p in res.module.parameters()}
     assert res.module(x).shape == (2, 4)
+
+
+def test_a_user_pass_that_writes_weights_gets_its_own_copy():
+    """A pass fxprune does not know may write the graph it is given: the traced graph then holds a copy of
+    the weights, and the user's model stays as it was."""
+    from fxprune.passes import GroupChannels, MagnitudeImportance, Rewrite, Select
+    from fxprune.pipeline import PassResult, graph_pass
+
+    @graph_pass(name="scribble", reads=("groups",))
+    def scribble(gm, ctx):
+        with torch.no_grad():
+            for p in gm.parameters():
+                p.mul_(2.0)
+        return PassResult(gm, True, {})
+
+    model = _net()
+    snap = snapshot(model)
+    res = fxprune.compile(model, _X, pipeline=[GroupChannels(), scribble, MagnitudeImportance(),
+                                                    Select(ratio=0.5), Rewrite()])
+    assert_model_unchanged(model, snap)
+    assert res.report.groups_pruned > 0
+    seen = {p.data_ptr() for p in res.original.parameters()}
+    assert not seen & {p.data_ptr() for p in model.parameters()}
