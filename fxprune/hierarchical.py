@@ -50,7 +50,7 @@ from .options import CompileOptions
 from .pipeline import Context, Pipeline
 from .result import CompileResult, merge_reports
 from .structured import StructuredGraphModule, carry_attributes, flat_view, structured
-from .trace import copy_model
+from .trace import copy_model, eval_mode
 
 __all__ = ["Region", "find_calls", "compile_hierarchical", "StructuredGraphModule"]
 
@@ -272,13 +272,8 @@ def compile_hierarchical(model: nn.Module, inputs: tuple[torch.Tensor, ...], opt
         swap[id(old)] = new
     pruned = copy_model(model, memo=swap)
     pruned.train(model.training)
-    flags = {m: m.training for m in pruned.modules()}
-    pruned.eval()
-    try:
+    with eval_mode(pruned):
         check_contract(expected, pruned, inputs)
-    finally:
-        for m, t in flags.items():
-            m.training = t
     ctx = Context(model=model, example_inputs=inputs, original=None, calib=None, seed=options.seed)
     ctx.notes += notes
     unchanged = [p for p in captured if p not in {r.path for r in regions}]

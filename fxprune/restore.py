@@ -39,6 +39,7 @@ from .passes.verify import compare_outputs
 from .rules import RULES, RuleTable
 from .rules.axes import submodule
 from .rules.base import RewriteContext
+from .trace import eval_mode
 
 __all__ = ["rebuild", "verify_rebuilt", "same_program", "second_inputs", "Rebuilt"]
 
@@ -114,19 +115,14 @@ def _fix_plain_attributes(new: nn.Module, old: nn.Module) -> list[str]:
     return changed
 
 
-def _counts(old: nn.Module, new: nn.Module, head_dim: int | None, paths: Sequence[str] | None = None
-            ) -> dict[str, dict[int, int]]:
+def _counts(old: nn.Module, new: nn.Module, head_dim: int | None, paths: Sequence[str]) -> dict[str, dict[int, int]]:
     """Old -> new head counts and widths below a module: inner and FFN widths and head counts from its 2-D
     weights, the hidden size from its embedding tables (the model width every layer reads and writes).
-    ``paths``: the modules below ``old`` whose tensors changed (the others cannot count anything new)."""
+    ``paths``: the modules below ``old`` whose 2-D weight changed shape (:func:`_reshaped`)."""
     out: dict[str, dict[int, int]] = {"inner": {}, "heads": {}, "ffn": {}, "hidden": {}}
-    pairs = ((p, submodule(old, p), submodule(new, p)) for p in paths) if paths is not None else (
-        (name, m, dict(new.named_modules()).get(name)) for name, m in old.named_modules())
-    for _, m, n in pairs:
-        w = getattr(m, "weight", None)
-        nw = getattr(n, "weight", None) if n is not None else None
-        if not isinstance(w, torch.Tensor) or not isinstance(nw, torch.Tensor) or w.dim() != 2 or w.shape == nw.shape:
-            continue
+    for path in paths:
+        m, n = submodule(old, path), submodule(new, path)
+        w, nw = m.weight, n.weight
         if isinstance(m, nn.Embedding):
             if w.shape[1] != nw.shape[1]:
                 out["hidden"].setdefault(int(w.shape[1]), int(nw.shape[1]))
@@ -267,20 +263,17 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
     for n in traced.graph.nodes:
         if n.op == "call_module":
             calls.setdefault(str(n.target), []).append(n)
-    for path in changed:  # a module the graph result rebuilt is used as it is: never copied first
-        g = graph_mods.get(path)
-        if path and g is not None and type(g) is not nn.Module and path in calls:
-            memo.setdefault(id(submodule(model, path)), g)
+    own = {p: graph_mods[p] for p in changed if p in calls and type(graph_mods.get(p)) not in (nn.Module, type(None))}
+    for path, g in own.items():  # fx: the rewrite's own module, put in the copy as it is (never copied first)
+        memo.setdefault(id(submodule(model, path)), g)
     new = copy_module(model, memo)
     attributes: list[str] = []
     swaps_only = True
     for path in sorted(changed, key=lambda p: -p.count(".")):
+        if path in own:
+            continue
         old = model.get_submodule(path) if path else model
         cur = new.get_submodule(path) if path else new
-        g = graph_mods.get(path)
-        if g is not None and type(g) is not nn.Module and path in calls:  # fx: the rewrite's own module
-            _set_module(new, path, g)
-            continue
         swaps_only = False
         rule = rules.module_rule(old)
         if rule is not None:
@@ -311,15 +304,11 @@ def same_program(rebuilt: nn.Module, graph_module: fx.GraphModule,
         graph, root = captured, rebuilt
     else:
         assert trace_fn is not None
-        flags = {m: m.training for m in rebuilt.modules()}
-        rebuilt.eval()
         try:
-            root = trace_fn(rebuilt)
+            with eval_mode(rebuilt):
+                root = trace_fn(rebuilt)
         except Exception as exc:  # noqa: BLE001 - a class that does not trace is compared by its outputs
             return f"does not trace ({type(exc).__name__})"
-        finally:
-            for m, t in flags.items():
-                m.training = t
         graph = root.graph
     a, b = list(graph.nodes), list(graph_module.graph.nodes)
     if len(a) != len(b):
@@ -373,8 +362,7 @@ def _same_module(x: nn.Module, y: nn.Module) -> bool:
         v = ys[k]
         if type(u) is not type(v):
             return False
-        du = {a: w for a, w in vars(u).items() if a not in ("_modules", "training")}
-        dv = {a: w for a, w in vars(v).items() if a not in ("_modules", "training")}
+        du, dv = ({a: w for a, w in vars(m).items() if a not in ("_modules", "training")} for m in (u, v))
         if du.keys() != dv.keys() or not all(_same_value(du[a], dv[a], {}, {}) for a in du):
             return False
     return True

@@ -13,10 +13,11 @@ works on the result. The analysis is front-end agnostic: it only needs a GraphMo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -26,7 +27,7 @@ from . import meta
 from .clone import copy_module
 from .errors import InputError, TraceError
 
-__all__ = ["FxpruneTracer", "trace", "normalize_inputs", "copy_model", "TRACE_THROUGH"]
+__all__ = ["FxpruneTracer", "trace", "normalize_inputs", "copy_model", "eval_mode", "TRACE_THROUGH"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,18 @@ def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, An
             f"cannot copy the model ({type(exc).__name__}: {exc}); fxprune works on a copy so the "
             "original is never modified — make the model deep-copyable"
         ) from exc
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; every submodule's own training flag restored after (errors too)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in flags.items():
+            m.training = t
 
 
 class FxpruneTracer(fx.Tracer):

@@ -88,14 +88,11 @@ class TensorCache:
             t = self(name)
             if t.dim() >= 3 and dim in (0, 1) and (groups > 1 or t[0, 0].numel() >= 4):
                 # conv kernels: one pass reduces the window dims (to a 4x+ smaller matrix), shared by dims 0 and 1
-                core = self._core.get((name, p))
-                if core is None:
-                    core = self._core[(name, p)] = torch.linalg.vector_norm(
-                        _accum(t), ord=p, dim=tuple(range(2, t.dim()))) ** p
-                m = core
+                if (name, p) not in self._core:
+                    self._core[(name, p)] = _window_mass(t, p)
+                self.masses[key] = _fold(self._core[(name, p)], dim, groups)
             else:
-                m = position_mass(t, dim, 1, p, as_matrix=True)
-            self.masses[key] = _fold(m, t, dim, groups)
+                self.masses[key] = position_mass(t, dim, groups, p)
         return self.masses[key]
 
 
@@ -103,16 +100,20 @@ def _accum(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _fold(m: torch.Tensor, t: torch.Tensor, dim: int, groups: int) -> np.ndarray:
-    """Per-position mass of ``dim`` from ``m``: a vector along ``dim``, or the (dim 0, dim 1) matrix of a conv."""
-    if m.dim() == 1:
-        return m.double().numpy()
+def _window_mass(t: torch.Tensor, p: int) -> torch.Tensor:
+    """Σ|x|^p over the window dims of a (out, in, *window) weight: an (out, in) matrix."""
+    x = _accum(t.detach())
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], x.shape[1], -1), ord=p, dim=2) ** p
+
+
+def _fold(m: torch.Tensor, dim: int, groups: int) -> np.ndarray:
+    """Per-position mass of ``dim`` (0 or 1) from the (dim 0, dim 1) matrix ``m`` of a conv."""
     if groups > 1 and dim == 1:  # grouped conv input: position q * cg + j sums block q's rows of column j
         return m.reshape(groups, m.shape[0] // groups, m.shape[1]).sum(1).reshape(-1).double().numpy()
     return m.sum(1 - dim).double().numpy()
 
 
-def position_mass(t: torch.Tensor, dim: int, groups: int = 1, p: int = 2, as_matrix: bool = False) -> Any:
+def position_mass(t: torch.Tensor, dim: int, groups: int = 1, p: int = 2) -> np.ndarray:
     """Σ|x|^p (float64) over everything but position ``i`` of ``dim``, for every ``i``: the magnitude of the
     slice ``t.select(dim, i)``, in one reduction. ``groups > 1``: ``dim`` 1 of a grouped conv, addressed as the
     full input-channel index (``groups * t.shape[1]`` positions)."""
@@ -120,8 +121,7 @@ def position_mass(t: torch.Tensor, dim: int, groups: int = 1, p: int = 2, as_mat
     if x.dim() == 1:
         m = x.abs().double() ** p if p == 1 else x.double() ** p
     elif groups > 1:
-        m = torch.linalg.vector_norm(x.reshape(x.shape[0], x.shape[1], -1), ord=p, dim=2) ** p
-        return m if as_matrix else _fold(m, t, 1, groups)
+        return _fold(_window_mass(x, p), 1, groups)
     elif dim % x.dim() == 0:
         m = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1).double() ** p
     else:  # the inner dims first (contiguous), then the outer ones row block by row block
@@ -131,7 +131,7 @@ def position_mass(t: torch.Tensor, dim: int, groups: int = 1, p: int = 2, as_mat
             m = _row_sums(torch.linalg.vector_norm(m3, ord=p, dim=2) ** p, p, powered=True)
         else:
             m = _row_sums(m3.reshape(m3.shape[0], m3.shape[1]), p, powered=False)
-    return m if as_matrix else m.numpy()
+    return m.numpy()
 
 
 def _row_sums(m: torch.Tensor, p: int, powered: bool) -> torch.Tensor:

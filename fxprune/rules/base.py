@@ -109,6 +109,7 @@ def slice_param(t: torch.Tensor, qualname: str, rw: RewriteContext) -> torch.Ten
     """A fresh copy of parameter/buffer ``t`` (named ``qualname``) with every dim sliced by its keep mask;
     a grouped view's mask gathers each group block's kept columns."""
     data = t.detach()
+    sliced = False
     for d in range(t.dim()):
         k = rw.keep(("p", qualname, d))
         if k is None:
@@ -118,8 +119,8 @@ def slice_param(t: torch.Tensor, qualname: str, rw: RewriteContext) -> torch.Ten
             data = _gather_grouped(data, k, g, qualname)
         else:
             data = data.index_select(d, torch.as_tensor(np.flatnonzero(k), device=data.device))
-    # a gather already made a fresh tensor: copy only what was not sliced
-    return data.clone() if data is t or data._base is t or data.data_ptr() == t.data_ptr() else data
+        sliced = True
+    return data if sliced else data.clone()  # a gather already made a fresh tensor
 
 
 class Rule:
