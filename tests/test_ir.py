@@ -9,6 +9,7 @@ from torch import nn
 import fxprune
 from fxprune.ir import Span, fit_index_map
 from fxprune.passes.group import analyze_graph, components
+from fxprune.rules.axes import AxisTable
 
 spans = st.builds(
     lambda start, size, block, gap, repeat, pgap: Span(
@@ -69,6 +70,33 @@ def test_components_match_a_naive_union_find(n, edges):
     v = np.array([b for _, b in edges], dtype=np.int64)
     got = components(n, u, v)
     assert list(got) == want
+
+
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=12), st.data())
+@settings(max_examples=300, deadline=None)
+def test_table_labels_equal_components_over_every_tie(sizes, data):
+    """AxisTable.labels joins whole-axis identity ties per axis first; the labels must equal the plain
+    element-level components over every tie (whole, partial, index maps, empty axes)."""
+    table = AxisTable()
+    axes = [table.axis(("a", f"n{i}", 1, None), s) for i, s in enumerate(sizes)]
+    for _ in range(data.draw(st.integers(0, 16))):
+        a, b = data.draw(st.sampled_from(axes)), data.draw(st.sampled_from(axes))
+        kind = data.draw(st.sampled_from(["whole", "slice", "map"]))
+        if kind == "whole" and a.size == b.size:
+            table.eye.append((a.base, b.base, a.size))
+        elif kind == "slice" and a.size >= b.size:
+            off = data.draw(st.integers(0, a.size - b.size))
+            table.eye.append((a.base + off, b.base, b.size))
+        elif kind == "map" and a.size and b.size:
+            k = data.draw(st.integers(1, 6))
+            ia = np.array(data.draw(st.lists(st.integers(0, a.size - 1), min_size=k, max_size=k)), dtype=np.int64)
+            ib = np.array(data.draw(st.lists(st.integers(0, b.size - 1), min_size=k, max_size=k)), dtype=np.int64)
+            table.maps.append((a.ids(ia), b.ids(ib)))
+    us = [np.arange(a, a + s, dtype=np.int64) for a, _, s in table.eye] + [u for u, _ in table.maps]
+    vs = [np.arange(b, b + s, dtype=np.int64) for _, b, s in table.eye] + [v for _, v in table.maps]
+    u = np.concatenate(us) if us else np.zeros(0, dtype=np.int64)
+    v = np.concatenate(vs) if vs else np.zeros(0, dtype=np.int64)
+    assert table.labels().tolist() == components(table.n, u, v).tolist()
 
 
 # -- golden snapshots ---------------------------------------------------------------------------------------

@@ -33,32 +33,12 @@ from ..ir import ChannelGroup, ChannelRef, Constraint, Explicit, ParamSlice, Sel
 from ..meta import is_multi, shape_of
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
-from ..rules.axes import submodule
+from ..rules.axes import components, submodule
 from ..rules.base import AxisTable, RuleContext, is_state, op_key
 
 __all__ = ["Analysis", "analyze_graph", "GroupChannels", "components"]
 
 log = logging.getLogger(__name__)
-
-
-def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Connected-component label (smallest member id) of each of ``n`` elements, edges ``u[i]–v[i]``."""
-    parent = np.arange(n, dtype=np.int64)
-    if len(u) == 0:
-        return parent
-    while True:
-        pu, pv = parent[u], parent[v]
-        diff = pu != pv
-        if not diff.any():
-            return parent
-        lo = np.minimum(pu[diff], pv[diff])
-        hi = np.maximum(pu[diff], pv[diff])
-        np.minimum.at(parent, hi, lo)
-        while True:  # pointer jumping until every element points at its root
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
 
 
 @dataclass
@@ -261,11 +241,7 @@ def analyze_graph(
             if key[0] == "p" and any(key[1].startswith(m + ".") for m in ignore):
                 table.pins.append((table.axes[key].ids(), f"ignored module {key[1].rpartition('.')[0]}", True))
     n = table.n
-    us = [np.arange(a, a + s, dtype=np.int64) for a, _, s in table.eye] + [u for u, _ in table.maps]
-    vs = [np.arange(b, b + s, dtype=np.int64) for _, b, s in table.eye] + [v for _, v in table.maps]
-    u = np.concatenate(us) if us else np.zeros(0, dtype=np.int64)
-    v = np.concatenate(vs) if vs else np.zeros(0, dtype=np.int64)
-    labels = components(n, u, v)
+    labels = table.labels()
     if deferred:
         produced = np.zeros(n, dtype=bool)
         for key, _ in table.producers:
@@ -326,7 +302,7 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
     for new_id, g in enumerate(live):
         remap[g] = new_id
         unit_of[np.asarray(unit_lists[g], dtype=np.int64)] = np.arange(len(unit_lists[g]))
-    group_of = np.where(group_of >= 0, remap[group_of], -1)
+    group_of = remap[group_of]  # remap[-1] (no group) is -1
     unit_lists = [unit_lists[g] for g in live]
     roots = [roots[g] for g in live]
     ng = len(unit_lists)
@@ -338,7 +314,10 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
     for ids, reason, block in table.pins:
         labs = labels[ids]
         pinned[labs] = True
-        for g in np.unique(group_of[labs]):
+        in_group = group_of[labs]
+        if not len(in_group) or in_group.max() < 0:  # most pins hold spatial/token dims of no group
+            continue
+        for g in np.unique(in_group):
             if g >= 0:
                 pin_reason.setdefault(int(g), reason)
                 if block:
@@ -356,31 +335,35 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
             if g >= 0:
                 lossy_reason.setdefault(int(g), reason)
 
-    # members: every axis position that belongs to a group
+    # members: every axis position that belongs to a group. Per axis (vectorised over all axes at once):
+    # does any element belong to a group, and is the whole axis one group with position i = unit i?
     members: list[list[Any]] = [[] for _ in range(ng)]
     params: list[list[ParamSlice]] = [[] for _ in range(ng)]
-    axis_group_units: dict[tuple, dict[int, np.ndarray]] = {}
     elem_group = group_of[labels]
-    for key in table.order:
-        ax = table.axes[key]
-        eg = elem_group[ax.base : ax.base + ax.size]
-        if (eg < 0).all():
+    axes = [table.axes[key] for key in table.order if table.axes[key].size]
+    if axes:
+        sizes = np.array([ax.size for ax in axes], dtype=np.int64)
+        starts = np.array([ax.base for ax in axes], dtype=np.int64)
+        identity = unit_of[labels] == np.arange(n, dtype=np.int64) - np.repeat(starts, sizes)
+        g_lo = np.minimum.reduceat(elem_group, starts)
+        g_hi = np.maximum.reduceat(elem_group, starts)
+        whole = np.logical_and.reduceat(identity, starts) & (g_lo == g_hi)
+    spans: dict[int, Span] = {}
+    for i, ax in enumerate(axes):
+        if g_hi[i] < 0:
             continue
-        el = labels[ax.base : ax.base + ax.size]
-        per_group: dict[int, np.ndarray] = {}
-        g0 = int(eg[0])
-        if g0 >= 0 and len(unit_lists[g0]) == ax.size and (eg == g0).all() and (
-            unit_of[el] == np.arange(ax.size)
-        ).all():  # the common case: the whole axis is one group, position i is unit i
-            per_group[g0] = np.arange(ax.size)
-            span = Span(0, ax.size)
+        key = ax.key
+        g0 = int(g_lo[i])
+        if whole[i] and len(unit_lists[g0]) == ax.size:  # the common case: position i is unit i of one group
+            span = spans.get(ax.size) or spans.setdefault(ax.size, Span(0, ax.size))
             if key[0] == "p":
                 info = table.params[key]
                 params[g0].append(ParamSlice(key[1], key[2], span, info.role, info.groups, info.is_buffer, None))
             elif key[0] == "a":
                 members[g0].append(ChannelRef(key[1], key[3], span, key[2], None))
-            axis_group_units[key] = per_group
             continue
+        eg = elem_group[ax.base : ax.base + ax.size]
+        el = labels[ax.base : ax.base + ax.size]
         for g in np.unique(eg[eg >= 0]):
             g = int(g)
             pos = np.flatnonzero(eg == g)
@@ -388,7 +371,6 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
             order = np.argsort(units, kind="stable")
             pos, units = pos[order], units[order]
             uu, counts = np.unique(units, return_counts=True)
-            per_group[g] = uu
             if (counts == counts[0]).all():
                 span = fit_index_map(pos.reshape(len(uu), counts[0]))
             else:
@@ -402,7 +384,6 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
                 params[g].append(ParamSlice(key[1], key[2], span, info.role, info.groups, info.is_buffer, unit_field))
             elif key[0] == "a":
                 members[g].append(ChannelRef(key[1], key[3], span, key[2], unit_field))
-        axis_group_units[key] = per_group
 
     # constraints
     cons: list[list[Constraint]] = [[] for _ in range(ng)]

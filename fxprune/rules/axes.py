@@ -16,7 +16,27 @@ from torch import nn
 from ..ir import Constraint
 from ..meta import is_multi, shape_of
 
-__all__ = ["Axis", "AxisTable", "ParamInfo", "RuleContext", "op_key", "lookup_tensor", "is_state", "tied_names", "submodule"]
+__all__ = ["Axis", "AxisTable", "components", "ParamInfo", "RuleContext", "op_key", "lookup_tensor", "is_state", "tied_names", "submodule"]
+
+
+def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Connected-component label (smallest member id) of each of ``n`` elements, edges ``u[i]–v[i]``."""
+    parent = np.arange(n, dtype=np.int64)
+    if len(u) == 0:
+        return parent
+    while True:
+        pu, pv = parent[u], parent[v]
+        diff = pu != pv
+        if not diff.any():
+            return parent
+        lo = np.minimum(pu[diff], pv[diff])
+        hi = np.maximum(pu[diff], pv[diff])
+        np.minimum.at(parent, hi, lo)
+        while True:  # pointer jumping until every element points at its root
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,53 @@ class AxisTable:
         elif ax.size != size:
             raise ValueError(f"axis {key} registered with size {ax.size}, now {size}")
         return ax
+
+    def labels(self) -> np.ndarray:
+        """The connected-component label (smallest member id) of every element under the table's ties.
+
+        Most ties are identities between two whole axes of one size (an element-wise op, a norm): those are
+        joined per axis first (a union-find over axes), each element renamed to the same position of its
+        set's first axis; only the remaining ties (slices, index maps) go to the element-level
+        :func:`components`, over just the elements they touch. The labels equal ``components`` over every
+        tie (the smallest member of a component is always its first axis' element)."""
+        size_at = {ax.base: ax.size for ax in self.axes.values() if ax.size}
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            while x in parent:
+                nxt = parent[x]
+                if nxt in parent:
+                    parent[x] = parent[nxt]  # path halving
+                x = nxt
+            return x
+
+        rest_u: list[np.ndarray] = []
+        rest_v: list[np.ndarray] = []
+        for a, b, s in self.eye:
+            if not s:
+                continue
+            if size_at.get(a) == s and size_at.get(b) == s:
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+            else:
+                rest_u.append(np.arange(a, a + s, dtype=np.int64))
+                rest_v.append(np.arange(b, b + s, dtype=np.int64))
+        for u, v in self.maps:
+            rest_u.append(u)
+            rest_v.append(v)
+        axes = [self.axes[k] for k in self.order]
+        shift = np.repeat(np.array([find(ax.base) - ax.base if ax.size else 0 for ax in axes], dtype=np.int64),
+                          np.array([ax.size for ax in axes], dtype=np.int64))
+        rename = np.arange(self.n, dtype=np.int64) + shift
+        if not rest_u:
+            return rename
+        u, v = rename[np.concatenate(rest_u)], rename[np.concatenate(rest_v)]
+        touched, inv = np.unique(np.concatenate([u, v]), return_inverse=True)
+        lab = components(len(touched), inv[: len(u)], inv[len(u):])
+        label_of = np.arange(self.n, dtype=np.int64)
+        label_of[touched] = touched[lab]
+        return label_of[rename]
 
     def groups_of(self, qualname: str, dim: int) -> int:
         info = self.params.get(("p", qualname, dim))
