@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from . import meta
 from .errors import InputError, node_location
+from .rules.base import BASE_THEN_POSITIONWISE
 from .rules.elementwise import SAME_DTYPE_FUNCTIONS
 
 __all__ = ["propagate_shapes", "tensor_metadata"]
@@ -123,6 +124,18 @@ _SAME_SHAPE_ACTS: tuple[type, ...] = (
 _BN_DIMS: dict[type, tuple[int, ...]] = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 
 
+def _norm_then_acts(mod: nn.Module) -> type | None:
+    """The base class of a :data:`~fxprune.rules.base.BASE_THEN_POSITIONWISE` module (timm's BatchNormAct2d)
+    whose trailing submodules are all of :data:`_SAME_SHAPE_ACTS`: it keeps its input's shape as the base
+    does."""
+    cls = type(mod)
+    then = BASE_THEN_POSITIONWISE.get(f"{cls.__module__}.{cls.__qualname__}")
+    if then is None or not isinstance(mod, then[0]):
+        return None
+    subs = [mod._modules.get(a) for a in then[1]]
+    return then[0] if all(type(m) in _SAME_SHAPE_ACTS and type(m) is not nn.PReLU for m in subs) else None
+
+
 def _meta_like(x: torch.Tensor) -> torch.Tensor:
     # torch.empty_like on a meta tensor goes through the prims layer (~1 ms); this is ~50x cheaper
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
@@ -139,7 +152,8 @@ def _same_shape_output(mod: nn.Module, x: Any) -> torch.Tensor | None:
         if cls is nn.PReLU and mod.num_parameters != 1 and (x.dim() < 2 or x.shape[1] != mod.num_parameters):
             return None
         return _meta_like(x)
-    if cls in _BN_DIMS and not mod.training and x.dim() in _BN_DIMS[cls] and x.shape[1] == mod.num_features:
+    bn = cls if cls in _BN_DIMS else _norm_then_acts(mod)
+    if bn in _BN_DIMS and not mod.training and x.dim() in _BN_DIMS[bn] and x.shape[1] == mod.num_features:
         return _meta_like(x)
     if cls is nn.LayerNorm and tuple(x.shape[x.dim() - len(mod.normalized_shape):]) == tuple(mod.normalized_shape):
         return _meta_like(x)

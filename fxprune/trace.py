@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.fx._lazy_graph_module import _LazyGraphModule as LazyGraphModule  # code generated when run/printed
 from . import meta
 from .clone import copy_module
 from .errors import InputError, TraceError
@@ -233,7 +234,8 @@ def trace(
             "  hint: symbolic tracing cannot follow Python control flow on tensor values (if/for on "
             f"tensors, item assignment, data-dependent shapes). {leaf}"
         ) from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # the traced graph is read, rewritten and compared; its code is generated only if something runs it
+    gm = LazyGraphModule(tracer.root, graph, type(model).__name__)
 
     def sources() -> dict[str, str]:
         again = FxpruneTracer(is_rule_leaf, leaf_modules)

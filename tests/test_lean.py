@@ -360,3 +360,61 @@ def test_a_user_pass_that_writes_weights_gets_its_own_copy():
     assert res.report.groups_pruned > 0
     seen = {p.data_ptr() for p in res.original.parameters()}
     assert not seen & {p.data_ptr() for p in model.parameters()}
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Stand-in for timm's ``timm.layers.norm_act.BatchNormAct2d`` (same module path and forward: batch norm,
+    then ``drop``, then ``act``), so the rule is tested without timm installed."""
+
+    def __init__(self, c: int, act: nn.Module) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = act
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                     self.training, self.momentum or 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+BatchNormAct2d.__module__ = "timm.layers.norm_act"
+
+
+class _NormActNet(nn.Module):
+    def __init__(self, act: type) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.n1 = BatchNormAct2d(16, act(16) if act is nn.PReLU else act())
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(self.n1(self.c1(x)))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.ReLU, nn.Identity, nn.PReLU])
+def test_batchnorm_act_is_one_node_when_its_tail_is_position_wise(act):
+    torch.manual_seed(0)
+    m = randomize(_NormActNet(act).eval())
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.compile(m, x, ratio=0.5, verify="equivalence")  # the masked reference checks the function
+    ops = {n.target: n.op for n in res.original.graph.nodes}
+    leaf = act is not nn.PReLU  # a per-channel PReLU holds tensors: traced through, its weight pruned
+    assert (ops.get("n1") == "call_module") is leaf
+    assert res.module.c1.weight.shape[0] == 8 and res.module.n1.num_features == 8
+    torch.testing.assert_close(res.module(x), res.graph_module(x))
+    if leaf:  # the class copy took the pruned module as it is: checked by its program, no re-trace or run
+        assert any("traces to the same program" in n for n in res.report.notes)
+    else:
+        assert res.module.n1.act.weight.shape == (8,)
+
+
+def test_timm_batchnorm_act_is_a_leaf():
+    timm = pytest.importorskip("timm")
+    m = randomize(timm.create_model("efficientnet_b0", pretrained=False).eval())
+    x = torch.randn(2, 3, 64, 64)
+    res = fxprune.compile(m, x, ratio=0.5, verify="equivalence")
+    bn_act = [n for n in res.original.graph.nodes if n.op == "call_module"
+              and type(res.original.get_submodule(n.target)).__name__ == "BatchNormAct2d"]
+    assert len(bn_act) == 49
+    assert any("traces to the same program" in n for n in res.report.notes)
+    torch.testing.assert_close(res.module(x), res.graph_module(x))

@@ -254,6 +254,15 @@ def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.M
 #: (it pads by a size computed from the input, which symbolic tracing cannot follow)
 SAME_CHANNELS_AS: dict[str, type] = {"timm.layers.conv2d_same.Conv2dSame": nn.Conv2d}
 
+#: subclasses whose ``forward`` is their base's followed by the named submodules, each applied to the whole
+#: output: timm's BatchNorm + activation (``BatchNormAct2d``: batch norm, then ``drop``, then ``act``). When
+#: those submodules hold no tensors and are position-wise leaves (an activation, dropout, identity), the
+#: base's rule describes the module's channels exactly and it stays one node (fewer nodes to trace, group
+#: and rewrite, and the class copy takes the pruned module as it is)
+BASE_THEN_POSITIONWISE: dict[str, tuple[type, tuple[str, ...]]] = {
+    "timm.layers.norm_act.BatchNormAct2d": (nn.BatchNorm2d, ("drop", "act")),
+}
+
 
 class RuleTable:
     """The rule table: keyed by module type (looked up along the MRO), function object, or method name."""
@@ -287,10 +296,29 @@ class RuleTable:
             r = self.modules.get(t)
             if r is not None:
                 if t is not cls and getattr(cls, "forward", None) is not getattr(t, "forward", None) and \
-                        SAME_CHANNELS_AS.get(f"{cls.__module__}.{cls.__qualname__}") is not t:
+                        not self._computes_as(m, t):
                     return None
                 return r
         return None
+
+    def _computes_as(self, m: nn.Module, base: type) -> bool:
+        """Whether ``m`` (whose class overrides ``base.forward``) computes ``base``'s channels exactly
+        (:data:`SAME_CHANNELS_AS`, :data:`BASE_THEN_POSITIONWISE`)."""
+        name = f"{type(m).__module__}.{type(m).__qualname__}"
+        if SAME_CHANNELS_AS.get(name) is base:
+            return True
+        then = BASE_THEN_POSITIONWISE.get(name)
+        if then is None or then[0] is not base:
+            return False
+        for attr in then[1]:
+            sub = m._modules.get(attr)
+            if sub is None or sub._modules or any(t is not None for t in (*sub._parameters.values(),
+                                                                          *sub._buffers.values())):
+                return False
+            r = self.module_rule(sub)
+            if r is None or not r.positionwise or not r.leaf:
+                return False
+        return True
 
     def has_module_rule(self, m: nn.Module) -> bool:
         """Whether ``m`` is kept as one node by the tracer: a rule describes it and does not ask to be
