@@ -28,7 +28,7 @@ from . import meta
 from .clone import copy_module
 from .errors import InputError, TraceError
 
-__all__ = ["FxpruneTracer", "trace", "normalize_inputs", "copy_model", "eval_mode", "TRACE_THROUGH"]
+__all__ = ["FxpruneTracer", "LazyGraphModule", "trace", "normalize_inputs", "copy_model", "eval_mode", "TRACE_THROUGH"]
 
 log = logging.getLogger(__name__)
 

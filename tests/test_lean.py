@@ -418,3 +418,17 @@ def test_timm_batchnorm_act_is_a_leaf():
     assert len(bn_act) == 49
     assert any("traces to the same program" in n for n in res.report.notes)
     torch.testing.assert_close(res.module(x), res.graph_module(x))
+
+
+def test_graph_result_generates_its_code_when_first_used(tmp_path):
+    """The graph result (and the traced original) are lazy GraphModules: no code is generated during compile
+    unless something runs them; run, printed, scripted-away or saved they behave as eager ones."""
+    m, x = _net(), torch.randn(2, 3, 8, 8)
+    res = fxprune.compile(m, x, ratio=0.5)
+    gm = res.graph_module
+    assert "_code" not in vars(gm) and "_code" not in vars(res.original)  # nothing ran them yet
+    torch.testing.assert_close(gm(x), res.module(x))
+    assert "def forward" in gm.code and "def forward" in res.original.code
+    torch.save(gm, tmp_path / "g.pt")
+    again = torch.load(tmp_path / "g.pt", weights_only=False)
+    torch.testing.assert_close(again(x), gm(x))

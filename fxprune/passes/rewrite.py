@@ -27,6 +27,7 @@ from ..rules.axes import submodule, tied_names
 from ..rules.base import RewriteContext, lookup_tensor, slice_param
 from ..flops import count_cost
 from ..shapes import propagate_shapes
+from ..trace import LazyGraphModule
 from .size_values import keep_size_values
 
 __all__ = ["Rewrite", "rewrite_graph", "Provenance", "provenance"]
@@ -100,7 +101,8 @@ def rewrite_graph(
                     exc.add_note(f"fxprune: while patching node '{node.name}'" + (f" at {where}" if where else ""))
                     raise
     keep_size_values(gm, new_graph, val_map, rw, rules)
-    new_gm = fx.GraphModule(root, new_graph, gm.__class__.__name__)
+    # its Python code is generated when it is first run or printed (by default the result is the class copy)
+    new_gm = LazyGraphModule(root, new_graph, gm.__class__.__name__)
     _retie(gm, new_gm)
     meta.copy_source_finder(gm, new_gm)
     new_gm.graph.lint()
