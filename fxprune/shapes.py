@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from . import meta
 from .errors import InputError, node_location
+from .rules.axes import submodule
 from .rules.base import BASE_THEN_POSITIONWISE
 from .rules.elementwise import SAME_DTYPE_FUNCTIONS
 
@@ -71,16 +72,20 @@ class _ShapeInterpreter(fx.Interpreter):
         try:
             value = super().run_node(n)
         except Exception as exc:
-            where = node_location(n)
-            err = InputError(
-                f"the model fails to run on the example inputs at node '{n.name}' "
-                f"({n.op} {getattr(n.target, '__name__', n.target)}): {type(exc).__name__}: {exc}"
-                + (f"\n  at {where}" if where else "")
-            )
-            err.node = n
-            raise err from exc
+            raise _failed(n, exc) from exc
         _record(n, value)
         return value
+
+
+def _failed(n: fx.Node, exc: Exception) -> InputError:
+    where = node_location(n)
+    err = InputError(
+        f"the model fails to run on the example inputs at node '{n.name}' "
+        f"({n.op} {getattr(n.target, '__name__', n.target)}): {type(exc).__name__}: {exc}"
+        + (f"\n  at {where}" if where else "")
+    )
+    err.node = n
+    return err
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], fake: bool = True) -> Any:
@@ -266,6 +271,48 @@ class _MetaInterpreter(_ShapeInterpreter):
     The commonest shape-preserving modules and functions skip their meta kernels (pure Python prims
     decompositions that dominate analysis time on deep networks)."""
 
+    def run(self, *args: Any, initial_env: Any = None, enable_io_processing: bool = True) -> Any:
+        """:meth:`fx.Interpreter.run` without its per-node bookkeeping (context managers, freeing dead
+        values: meta tensors hold no memory), the same values and errors."""
+        with self._swaps:
+            if initial_env is not None or not enable_io_processing:
+                return super().run(*args, initial_env=initial_env, enable_io_processing=enable_io_processing)
+            self.env = env = {}
+            self.args_iter = iter(args)
+            load = env.__getitem__
+            for n in self.graph.nodes:
+                try:
+                    value = getattr(self, n.op)(n.target, fx.node.map_arg(n.args, load),
+                                                fx.node.map_arg(n.kwargs, load))
+                except Exception as exc:
+                    raise _failed(n, exc) from exc
+                _record(n, value)
+                if n.op == "output":
+                    return value
+                env[n] = value
+            return None
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self._swaps = contextlib.ExitStack()
+        self._meta: dict[int, Any] = {}  # tensor id -> its meta stand-in (shared tensors stay shared)
+        self._on_meta: set[int] = set()  # modules whose tensors are swapped for the rest of the run
+
+    def _to_meta(self, mod: nn.Module) -> nn.Module:
+        if id(mod) not in self._on_meta:
+            self._swaps.enter_context(_swapped_to_meta(mod, self._meta, self._on_meta))
+        return mod
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        v = self.fetch_attr(target)
+        if isinstance(v, torch.Tensor):
+            return _meta_of(v, self._meta)
+        return self._to_meta(v) if isinstance(v, nn.Module) else v
+
+    def fetch_attr(self, target: str) -> Any:
+        owner, _, name = target.rpartition(".")
+        return getattr(submodule(self.module, owner), name)
+
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         if len(args) == 1 and not kwargs:
             mod = self.fetch_attr(target)
@@ -278,7 +325,7 @@ class _MetaInterpreter(_ShapeInterpreter):
             out = _attention_output(self.fetch_attr(target), args, kwargs)
             if out is not None:
                 return out
-        return super().call_module(target, args, kwargs)
+        return self._to_meta(self.fetch_attr(target))(*args, **kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = _elementwise_output(target, args, kwargs)
@@ -287,41 +334,47 @@ class _MetaInterpreter(_ShapeInterpreter):
         return out if out is not None else super().call_function(target, args, kwargs)
 
 
+def _meta_of(t: torch.Tensor, swapped: dict[int, Any]) -> Any:
+    if id(t) not in swapped:  # shared tensors stay shared
+        m = _meta_like(t) if t.layout == torch.strided else torch.empty_like(t, device="meta")
+        swapped[id(t)] = nn.Parameter(m, t.requires_grad) if isinstance(t, nn.Parameter) else m
+    return swapped[id(t)]
+
+
 @contextlib.contextmanager
-def _swapped_to_meta(gm: fx.GraphModule):
-    """Temporarily replace every parameter, buffer and tensor attribute of ``gm`` by a meta tensor.
+def _swapped_to_meta(root: nn.Module, swapped: dict[int, Any], done: set[int]):
+    """Temporarily replace every parameter, buffer and tensor attribute of ``root``'s modules (those not in
+    ``done``, which they join) by meta tensors (``swapped``: tensor id -> stand-in).
 
-    Cheaper than deep-copying the GraphModule (which re-generates its code); ``gm`` is fxprune's private
-    copy and everything is restored on exit, errors included."""
+    Only the modules the meta run really calls are swapped (the shape shortcuts read no tensor data):
+    cheaper than deep-copying the GraphModule; ``gm`` is fxprune's private copy and everything is
+    restored on exit, errors included."""
     saved: list[tuple[Any, str, str, Any]] = []
-    swapped: dict[int, Any] = {}
-
-    def meta_of(t: torch.Tensor) -> Any:
-        if id(t) not in swapped:  # shared tensors stay shared
-            m = _meta_like(t) if t.layout == torch.strided else torch.empty_like(t, device="meta")
-            swapped[id(t)] = nn.Parameter(m, t.requires_grad) if isinstance(t, nn.Parameter) else m
-        return swapped[id(t)]
-
     try:
-        for mod in gm.modules():
+        for mod in root.modules():
+            if id(mod) in done:
+                continue
+            done.add(id(mod))
             for store in ("_parameters", "_buffers"):
                 d = getattr(mod, store)
                 for k, t in list(d.items()):
                     if t is not None:
                         saved.append((mod, store, k, t))
-                        d[k] = meta_of(t)
+                        d[k] = _meta_of(t, swapped)
             for k, t in list(vars(mod).items()):
                 if isinstance(t, torch.Tensor):
                     saved.append((mod, "__dict__", k, t))
-                    vars(mod)[k] = meta_of(t)
+                    vars(mod)[k] = _meta_of(t, swapped)
         yield
     finally:
         for mod, store, k, t in reversed(saved):
             (vars(mod) if store == "__dict__" else getattr(mod, store))[k] = t
+        for mod in root.modules():
+            done.discard(id(mod))
 
 
 def _meta_run(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Any:
-    with torch.no_grad(), _swapped_to_meta(gm):
+    with torch.no_grad():
         return _MetaInterpreter(gm).run(*[x.to("meta") for x in inputs])
 
 
