@@ -221,6 +221,33 @@ def _elementwise_output(target: Any, args: tuple, kwargs: dict) -> torch.Tensor 
     return None
 
 
+_REDUCTION_METHODS = ("mean", "sum", "amax", "amin")
+_REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin)
+
+
+def _reduction_output(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``x.mean(dims, keepdim)`` (and sum/amax/amin, function or method) of a contiguous floating meta tensor
+    over explicit dims: the reduced shape, contiguous (squeeze-and-excitation's pooling; the meta path is a
+    Python decomposition)."""
+    if not args or set(kwargs) - {"dim", "keepdim"} or len(args) > 3:
+        return None
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if not (isinstance(x, torch.Tensor) and x.device.type == "meta" and x.is_floating_point() and x.dim() > 0
+            and x.is_contiguous() and isinstance(keep, bool)):
+        return None
+    dims = (dim,) if isinstance(dim, int) else dim
+    if not (isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) and -x.dim() <= d < x.dim()
+                                                            for d in dims)):
+        return None
+    dims = {d % x.dim() for d in dims}
+    if len(dims) != len(dim if isinstance(dim, (tuple, list)) else (dim,)):
+        return None  # a repeated dim: let the real kernel raise its own error
+    shape = [1 if i in dims else n for i, n in enumerate(x.shape) if keep or i not in dims]
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+
+
 def _batch_norm_output(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.batch_norm`` (timm's BatchNormAct2d) keeps its input's shape: skip its prims decomposition
     (about 1 ms a call on meta tensors) once the per-channel tensors are checked to match."""
@@ -331,7 +358,13 @@ class _MetaInterpreter(_ShapeInterpreter):
         out = _elementwise_output(target, args, kwargs)
         if out is None and target is F.batch_norm:
             out = _batch_norm_output(args, kwargs)
+        if out is None and target in _REDUCTIONS:
+            out = _reduction_output(args, kwargs)
         return out if out is not None else super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        out = _reduction_output(args, kwargs) if target in _REDUCTION_METHODS else None
+        return out if out is not None else super().call_method(target, args, kwargs)
 
 
 def _meta_of(t: torch.Tensor, swapped: dict[int, Any]) -> Any:

@@ -3,6 +3,8 @@ tensor for the magnitude criteria, the class copy checked by its traced program.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 import fxprune
-from fxprune import meta
+from fxprune import meta, shapes
 from fxprune.errors import VerificationError
 from fxprune.ir import ParamSlice, Span
 from fxprune.passes import verify as verify_mod
@@ -236,10 +238,9 @@ def test_copy_module_is_a_deepcopy():
 @pytest.mark.parametrize("mod,shape", [(nn.AdaptiveAvgPool2d(1), (2, 3, 5, 7)), (nn.AdaptiveAvgPool2d((2, None)), (2, 3, 5, 7)),
                                        (nn.AdaptiveMaxPool1d(3), (4, 9)), (nn.AdaptiveAvgPool3d((1, 2, 3)), (1, 2, 4, 4, 4))])
 def test_adaptive_pool_shortcut_matches_the_kernel(mod, shape):
-    from fxprune.shapes import propagate_shapes
     gm = fx.symbolic_trace(nn.Sequential(mod))
     x = torch.randn(shape)
-    propagate_shapes(gm, (x,))
+    shapes.propagate_shapes(gm, (x,))
     node = next(n for n in gm.graph.nodes if n.op == "call_module")
     assert tuple(meta.shape_of(node)) == tuple(mod(x).shape)
 
@@ -249,7 +250,6 @@ def test_adaptive_pool_shortcut_matches_the_kernel(mod, shape):
 def test_broadcast_shortcut_matches_the_kernel(a, b, op):
     import operator
 
-    from fxprune.shapes import propagate_shapes
 
     f = getattr(operator, op)
 
@@ -263,9 +263,9 @@ def test_broadcast_shortcut_matches_the_kernel(a, b, op):
         want = tuple(gm(xs[0].clone(), xs[1]).shape)
     except RuntimeError:
         with pytest.raises(Exception):
-            propagate_shapes(gm, xs)
+            shapes.propagate_shapes(gm, xs)
         return
-    propagate_shapes(gm, xs)
+    shapes.propagate_shapes(gm, xs)
     node = next(n for n in gm.graph.nodes if n.op == "call_function")
     assert tuple(meta.shape_of(node)) == want
     assert meta.tensor_meta(node).dtype == torch.float32
@@ -274,7 +274,6 @@ def test_broadcast_shortcut_matches_the_kernel(a, b, op):
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("pruned", [False, True])
 def test_attention_shortcut_matches_the_module(batch_first, pruned):
-    from fxprune import shapes
     from fxprune.modules.mha import PrunedMultiheadAttention
 
     torch.manual_seed(0)
@@ -432,3 +431,25 @@ def test_graph_result_generates_its_code_when_first_used(tmp_path):
     torch.save(gm, tmp_path / "g.pt")
     again = torch.load(tmp_path / "g.pt", weights_only=False)
     torch.testing.assert_close(again(x), gm(x))
+
+
+def test_reduction_shortcut_matches_the_kernels():
+    """The meta run's reduction shortcut gives the shape, strides and dtype torch's own kernels give."""
+    checked = 0
+    for shape in [(2, 3, 4, 5), (3,), (1, 4), (2, 1, 3)]:
+        x = torch.randn(*shape)
+        nd = len(shape)
+        for dims in [d for r in (1, 2) for d in itertools.combinations(range(-nd, nd), r)]:
+            d = dims[0] if len(dims) == 1 else dims
+            for keep, fn in itertools.product((True, False), ("mean", "sum", "amax", "amin")):
+                got = shapes._reduction_output((x.to("meta"), d, keep), {})
+                try:
+                    real = getattr(x, fn)(d, keep)
+                except RuntimeError:  # a repeated dim: the shortcut must leave it to the kernel
+                    assert got is None
+                    continue
+                assert got is not None
+                assert (got.shape, got.stride(), got.dtype) == (real.shape, real.stride(), real.dtype)
+                checked += 1
+    assert checked > 200
+    assert shapes._reduction_output((torch.zeros(2, 3, dtype=torch.long, device="meta"), 1, False), {}) is None
