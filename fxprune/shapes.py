@@ -26,7 +26,7 @@ from . import meta
 from .errors import InputError, node_location
 from .rules.axes import submodule
 from .rules.base import BASE_THEN_POSITIONWISE
-from .rules.elementwise import SAME_DTYPE_FUNCTIONS
+from .rules.elementwise import SAME_DTYPE_FUNCTIONS, SAME_DTYPE_METHODS
 
 __all__ = ["propagate_shapes", "tensor_metadata"]
 
@@ -248,6 +248,31 @@ def _reduction_output(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return torch.empty(shape, dtype=x.dtype, device="meta")
 
 
+def _layer_norm_output(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` of a floating meta tensor: a contiguous tensor
+    of ``x``'s shape (the kernel's output is contiguous whatever the input's layout; its meta path is a
+    Python decomposition, ~1 ms a call) once the trailing dims, weight and bias are checked to match."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    if len(args) > 5 or set(kwargs) - set(names[len(args):]):
+        return None
+    a = dict(zip(names, args, strict=False)) | kwargs
+    x, shape = a.get("input"), a.get("normalized_shape")
+    if not (isinstance(x, torch.Tensor) and x.device.type == "meta" and x.is_floating_point()):
+        return None
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not (isinstance(shape, (tuple, list, torch.Size)) and 0 < len(shape) <= x.dim()
+            and tuple(x.shape[x.dim() - len(shape):]) == tuple(shape)):
+        return None
+    for t in (a.get("weight"), a.get("bias")):
+        if t is not None and not (isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(shape) and t.dtype == x.dtype
+                                  and t.device.type == "meta"):
+            return None
+    if not isinstance(a.get("eps", 1e-5), float):
+        return None
+    return torch.empty(x.shape, dtype=x.dtype, device="meta")
+
+
 def _batch_norm_output(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.batch_norm`` (timm's BatchNormAct2d) keeps its input's shape: skip its prims decomposition
     (about 1 ms a call on meta tensors) once the per-channel tensors are checked to match."""
@@ -360,10 +385,16 @@ class _MetaInterpreter(_ShapeInterpreter):
             out = _batch_norm_output(args, kwargs)
         if out is None and target in _REDUCTIONS:
             out = _reduction_output(args, kwargs)
+        if out is None and target is F.layer_norm:
+            out = _layer_norm_output(args, kwargs)
         return out if out is not None else super().call_function(target, args, kwargs)
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        out = _reduction_output(args, kwargs) if target in _REDUCTION_METHODS else None
+        out = None
+        if target in _REDUCTION_METHODS:
+            out = _reduction_output(args, kwargs)
+        elif target in SAME_DTYPE_METHODS:
+            out = _elementwise_output(getattr(torch, target), args, kwargs)
         return out if out is not None else super().call_method(target, args, kwargs)
 
 

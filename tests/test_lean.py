@@ -453,3 +453,32 @@ def test_reduction_shortcut_matches_the_kernels():
                 checked += 1
     assert checked > 200
     assert shapes._reduction_output((torch.zeros(2, 3, dtype=torch.long, device="meta"), 1, False), {}) is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "nhwc_view", "channels_last", "2d_transposed"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_shortcut_matches_the_kernel(layout, affine):
+    """F.layer_norm on meta tensors skips its decomposition: the same shape, strides and dtype as the kernel."""
+    x = {"contiguous": torch.randn(2, 5, 4, 3), "nhwc_view": torch.randn(2, 5, 4, 3).permute(0, 2, 3, 1),
+         "channels_last": torch.randn(2, 5, 4, 3).to(memory_format=torch.channels_last),
+         "2d_transposed": torch.randn(3, 8).t()}[layout]
+    for k in range(1, x.dim() + 1):
+        ns = tuple(x.shape[-k:])
+        w, b = (torch.randn(ns), torch.randn(ns)) if affine else (None, None)
+        real = nn.functional.layer_norm(x, ns, w, b, 1e-6)
+        meta_args = [t.to("meta") if t is not None else None for t in (x, w, b)]
+        got = shapes._layer_norm_output((meta_args[0], ns, meta_args[1], meta_args[2], 1e-6), {})
+        assert got is not None and (got.shape, got.stride(), got.dtype) == (real.shape, real.stride(), real.dtype)
+    bad = shapes._layer_norm_output((x.to("meta"), (7,)), {})  # trailing dims do not match: the kernel decides
+    assert bad is None
+
+
+def test_elementwise_method_shortcut_is_the_function_shortcut():
+    y, w = torch.empty(1, 4, 3, 3, device="meta"), torch.empty(1, 4, 1, 1, device="meta")
+    gm = fx.symbolic_trace(nn.Sequential())  # any module: the interpreter's method dispatch is what is tested
+    interp = shapes._MetaInterpreter(gm)
+    for name, args in [("mul", (y, w)), ("add", (y, y)), ("sigmoid", (y,)), ("div", (y, 2.0))]:
+        got = interp.call_method(name, args, {})
+        real = getattr(torch.randn(1, 4, 3, 3), name)(*[torch.randn(a.shape) if isinstance(a, torch.Tensor) else a
+                                                         for a in args[1:]])
+        assert (got.shape, got.stride(), got.dtype) == (real.shape, real.stride(), real.dtype)

@@ -249,10 +249,12 @@ def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.M
     return new
 
 
-#: subclasses (by qualified name) whose ``forward`` differs from their base's only in how it pads the spatial
-#: dims, so the base's rule describes their channels exactly: timm's TensorFlow-style "SAME" convolution
-#: (it pads by a size computed from the input, which symbolic tracing cannot follow)
-SAME_CHANNELS_AS: dict[str, type] = {"timm.layers.conv2d_same.Conv2dSame": nn.Conv2d}
+#: subclasses (by qualified name) whose ``forward`` computes their base's channels exactly, so the base's rule
+#: describes them: timm's TensorFlow-style "SAME" convolution (it pads the spatial dims by a size computed
+#: from the input, which symbolic tracing cannot follow) and timm's Linear (it differs only under TorchScript,
+#: where it casts the weight to the input's dtype)
+SAME_CHANNELS_AS: dict[str, type] = {"timm.layers.conv2d_same.Conv2dSame": nn.Conv2d,
+                                     "timm.layers.linear.Linear": nn.Linear}
 
 #: subclasses whose ``forward`` is their base's followed by the named submodules, each applied to the whole
 #: output: timm's BatchNorm + activation (``BatchNormAct2d``: batch norm, then ``drop``, then ``act``). When

@@ -24,7 +24,7 @@ from torch import nn
 from .base import RULES, Rule, RuleContext, RuleTable
 from .calls import aten_overloads
 
-__all__ = ["Unary", "Broadcast", "PReLURule", "UNARY", "BROADCAST", "SAME_DTYPE_FUNCTIONS", "register_names",
+__all__ = ["Unary", "Broadcast", "PReLURule", "UNARY", "BROADCAST", "SAME_DTYPE_FUNCTIONS", "SAME_DTYPE_METHODS", "register_names",
            "unary", "broadcast"]
 
 #: position-wise ops with one tensor operand (activations, casts, copies, dropout, fills of the same shape)
@@ -178,3 +178,6 @@ SAME_DTYPE_FUNCTIONS: frozenset[Any] = frozenset(
     [operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul]
     + [f for name in _FLOAT_SAME for f in (getattr(torch, name, None), getattr(F, name, None)) if callable(f)]
 )
+#: Tensor methods that are those functions (``x.mul(y)`` is ``torch.mul(x, y)``)
+SAME_DTYPE_METHODS: frozenset[str] = frozenset(
+    n for n in _FLOAT_SAME if hasattr(torch.Tensor, n) and getattr(torch, n, None) in SAME_DTYPE_FUNCTIONS)
