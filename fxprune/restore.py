@@ -23,6 +23,7 @@ graph result is returned instead, with the reason in the report (``result="auto"
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -37,6 +38,7 @@ from .errors import summary
 from .export import tensors_only
 from .passes.verify import compare_outputs
 from .rules import RULES, RuleTable
+from .meta import shape_of
 from .rules.axes import submodule
 from .rules.base import RewriteContext
 from .trace import eval_mode
@@ -318,13 +320,39 @@ def same_program(rebuilt: nn.Module, graph_module: fx.GraphModule,
     for x, y in zip(a, b, strict=True):
         if x.op != y.op or x.target != y.target:
             return f"node {y.name}: {x.op} {x.target} vs {y.op} {y.target}"
-        if not _same_value((x.args, x.kwargs), (y.args, y.kwargs), pos, pos_b):
+        if not _same_value((x.args, x.kwargs), (y.args, y.kwargs), pos, pos_b) and not _same_slices(x, y, pos, pos_b):
             return f"node {y.name}: arguments {x.args} vs {y.args}"
         if x.op == "call_module" and not _same_module(submodule(root, x.target), submodule(graph_module, y.target)):
             return f"module {x.target} differs"
         if x.op == "get_attr" and not _same_value(_attr(root, x.target), _attr(graph_module, y.target), {}, {}):
             return f"attribute {x.target} differs"
     return ""
+
+
+def _same_slices(x: fx.Node, y: fx.Node, pos: dict, pos_b: dict) -> bool:
+    """``x[idx_x]`` (the captured program) selects what ``y[idx_y]`` (the graph result) does: the indices
+    differ only in slices over dims the rewrite shrank, which select the same positions of the pruned size
+    (GhostNet's ``cat(...)[:, :self.out_chs]`` with ``out_chs`` unchanged and the graph's literal patched).
+    A shrunk dim is a pruned channel dim, whose size the weights fix: the same at every input size."""
+    if x.op != "call_function" or x.target is not operator.getitem or len(x.args) != 2 or len(y.args) != 2 \
+            or x.kwargs or y.kwargs or not _same_value(x.args[0], y.args[0], pos, pos_b):
+        return False
+    before, after = shape_of(x.args[0]), shape_of(y.args[0])
+    ix, iy = (a if isinstance(a, tuple) else (a,) for a in (x.args[1], y.args[1]))
+    if before is None or after is None or len(before) != len(after) or max(len(ix), len(iy)) > len(after) or \
+            not all(isinstance(a, slice) for a in (*ix, *iy)):
+        return False
+    full = slice(None)  # trailing dims not indexed are taken whole
+    ix, iy = (i + (full,) * (len(after) - len(i)) for i in (ix, iy))
+    for d, (a, b) in enumerate(zip(ix, iy, strict=True)):
+        if _same_value(a, b, pos, pos_b):
+            continue
+        if not (isinstance(a, slice) and isinstance(b, slice) and before[d] != after[d] and all(
+                v is None or type(v) is int for s in (a, b) for v in (s.start, s.stop, s.step))):
+            return False
+        if a.indices(after[d]) != b.indices(after[d]):
+            return False
+    return True
 
 
 def _attr(m: nn.Module, path: str) -> Any:

@@ -18,6 +18,7 @@ from fxprune.ir import ParamSlice, Span
 from fxprune.passes import verify as verify_mod
 from fxprune.passes.importance import TensorCache, lp_norm, position_mass, slice_mass, slice_values
 from fxprune.pipeline import Context
+from fxprune import restore
 from fxprune.restore import same_program
 from fxprune.testing import assert_model_unchanged, snapshot
 from models import randomize
@@ -482,3 +483,48 @@ def test_elementwise_method_shortcut_is_the_function_shortcut():
         real = getattr(torch.randn(1, 4, 3, 3), name)(*[torch.randn(a.shape) if isinstance(a, torch.Tensor) else a
                                                          for a in args[1:]])
         assert (got.shape, got.stride(), got.dtype) == (real.shape, real.stride(), real.dtype)
+
+
+class _Ghost(nn.Module):
+    """GhostNet's module: ``cat(primary, cheap)[:, :self.out]`` (an int attribute the rebuild leaves as is;
+    here it keeps every channel, and a slice that keeps fewer is the rejected case of the test below)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = 16
+        self.primary = nn.Conv2d(3, 8, 1)
+        self.cheap = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        p = self.primary(x)
+        return self.head(torch.cat([p, self.cheap(p)], 1)[:, : self.out])
+
+
+def test_slice_of_a_pruned_dim_is_checked_by_the_program():
+    torch.manual_seed(0)
+    m, x = _Ghost().eval(), torch.randn(2, 3, 8, 8)
+    res = fxprune.compile(m, x, ratio=0.5, verify="equivalence")
+    assert any("traces to the same program" in n for n in res.report.notes), res.report.notes
+    torch.testing.assert_close(res.module(x), res.graph_module(x))
+    y = torch.randn(1, 3, 5, 7)  # another input size: the program check holds at every size
+    torch.testing.assert_close(res.module(y), res.graph_module(y))
+
+
+@pytest.mark.parametrize("stop_x,stop_y,before,after,same", [
+    (16, 8, 16, 8, True),      # [:16] of the 8 kept channels selects what [0:8] does
+    (16, 6, 16, 8, False),     # the graph keeps 6 of 8: the copy would keep all 8
+    (16, 8, 16, 16, False),    # an unpruned dim: the literal must match exactly
+])
+def test_same_slices_decides_by_the_pruned_size(stop_x, stop_y, before, after, same):
+    def graph(stop, c):
+        g = fx.symbolic_trace(lambda x: x[:, :stop]).graph
+        inp = next(iter(g.nodes))
+        inp.meta["tensor_meta"] = shapes.tensor_metadata(torch.empty(2, c, 4))
+        return g
+
+    gx, gy = graph(stop_x, before), graph(stop_y, after)
+    x, y = [n for n in gx.nodes if n.op == "call_function"][0], [n for n in gy.nodes if n.op == "call_function"][0]
+    pos = {n: i for i, n in enumerate(gx.nodes)}
+    pos_b = {n: i for i, n in enumerate(gy.nodes)}
+    assert restore._same_slices(x, y, pos, pos_b) is same
