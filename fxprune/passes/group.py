@@ -125,8 +125,8 @@ def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTa
             attrs.append(node)  # tied after every rule ran (a rule may give a parameter dim a grouped view)
             continue
         rule = rules.lookup(gm, node)
-        key = op_key(gm, node)
         if rule is None:
+            key = op_key(gm, node)
             if unknown == "error":
                 # an op without a rule is an error only where it can touch a pruned channel, which is known once
                 # every tie is solved (analyze_graph); until then its dims are pinned
@@ -142,6 +142,7 @@ def _run_rules(gm: fx.GraphModule, rules: RuleTable, unknown: str, table: AxisTa
         except UnsupportedOpError:
             raise
         except Exception as exc:
+            key = op_key(gm, node)
             if unknown == "error":
                 err = UnsupportedOpError(
                     node, key, f"rule '{rule.name}' cannot handle this call ({type(exc).__name__}: {exc})",

@@ -23,7 +23,7 @@ from ..errors import InputError, RewriteError, node_location
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult
 from ..rules import RULES, RuleTable
-from ..rules.axes import submodule, tied_names
+from ..rules.axes import submodule
 from ..rules.base import RewriteContext, lookup_tensor, slice_param
 from ..flops import count_cost
 from ..shapes import propagate_shapes
@@ -103,7 +103,7 @@ def rewrite_graph(
     keep_size_values(gm, new_graph, val_map, rw, rules)
     # its Python code is generated when it is first run or printed (by default the result is the class copy)
     new_gm = LazyGraphModule(root, new_graph, gm.__class__.__name__)
-    _retie(gm, new_gm)
+    _retie(new_gm, analysis.table.tied(gm))
     meta.copy_source_finder(gm, new_gm)
     new_gm.graph.lint()
     new_gm.train(gm.training)
@@ -122,10 +122,10 @@ def rewrite_graph(
     return new_gm
 
 
-def _retie(gm: fx.GraphModule, new_gm: fx.GraphModule) -> None:
-    """Tensors that were one under several names (tied embeddings) are one again in the result; the analysis
-    ties their dims, so each name was sliced alike."""
-    for names in tied_names(gm):
+def _retie(new_gm: fx.GraphModule, tied: list[tuple[str, ...]]) -> None:
+    """Tensors that were one under several names (``tied``: tied embeddings) are one again in the result; the
+    analysis ties their dims, so each name was sliced alike."""
+    for names in tied:
         try:
             first = new_gm.get_parameter(names[0])
         except AttributeError:

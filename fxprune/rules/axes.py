@@ -88,13 +88,20 @@ class AxisTable:
         self.params: dict[tuple, ParamInfo] = {}
         self.live: set[tuple] = set()
         self._aliases: dict[str, tuple[str, ...]] | None = None
+        self._tied: list[tuple[str, ...]] | None = None
 
     def aliases(self, gm: fx.GraphModule, qualname: str) -> tuple[str, ...]:
         """The other names of the tensor ``qualname`` in ``gm`` (tied weights: an embedding that is also
         the output head), computed once per table."""
         if self._aliases is None:
-            self._aliases = {n: tuple(x for x in names if x != n) for names in tied_names(gm) for n in names}
+            self._aliases = {n: tuple(x for x in names if x != n) for names in self.tied(gm) for n in names}
         return self._aliases.get(qualname, ())
+
+    def tied(self, gm: fx.GraphModule) -> list[tuple[str, ...]]:
+        """:func:`tied_names` of ``gm`` (the graph this table describes), computed once."""
+        if self._tied is None:
+            self._tied = tied_names(gm)
+        return self._tied
 
     def axis(self, key: tuple, size: int) -> Axis:
         ax = self.axes.get(key)
