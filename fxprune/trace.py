@@ -103,7 +103,8 @@ def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, An
     """A deep copy, so nothing fxprune does (tracing, shape propagation, eval()) touches the user's model.
 
     ``share_weights=True``: the copy's parameters are new ``nn.Parameter`` objects over the user's own
-    storage (no weight is copied; buffers and everything else are). fxprune's compile reads such a copy only:
+    storage, its buffers views of the user's (no tensor is copied; everything else is). fxprune's compile
+    reads such a copy only:
     the rewrite slices fresh tensors from it, and the passes that need gradients or write weights work on
     copies of their own (the test suite checks the user's tensors' version counters stay unchanged).
     ``memo``: objects (by id) to use as they are in the copy, e.g. submodules replaced by pruned ones."""
@@ -113,6 +114,9 @@ def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, An
             for p in mod._parameters.values():
                 if type(p) is nn.Parameter and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+            for b in mod._buffers.values():
+                if type(b) is torch.Tensor and id(b) not in memo:
+                    memo[id(b)] = b.detach()
     try:
         return copy_module(model, memo)
     except Exception as exc:  # deepcopy can fail on exotic attributes; keep the cause
