@@ -47,7 +47,13 @@ def choose_units(group: ChannelGroup, scores: np.ndarray, n_remove: int, min_kee
     keep_n = max(size - max(n_remove, 0), min_keep, len(pinned), 1)
     keep_n = min(keep_n, size)
     # order: pinned first, then by score (high first), ties broken by unit index
-    rank = sorted(range(size), key=lambda u: (u not in pinned, -float(scores[u]), u))
+    s = np.asarray(scores, dtype=np.float64)[:size]
+    if len(s) == size and not np.isnan(s).any():
+        free = np.ones(size, dtype=bool)
+        free[list(pinned)] = False
+        rank = np.lexsort((np.arange(size), -s, free)).tolist()  # the same order, vectorised
+    else:
+        rank = sorted(range(size), key=lambda u: (u not in pinned, -float(scores[u]), u))
     uniform = [c for c in group.constraints if c.kind == "uniform"]
     if uniform:
         blocks = [b for b in uniform[0].blocks]

@@ -273,10 +273,12 @@ class RuleTable:
         self.modules: dict[type, Rule] = {}
         self.functions: dict[Any, Rule] = {}
         self.methods: dict[str, Rule] = {}
+        self._by_type: dict[type, Rule | None] = {}  # module_rule's answers that depend on the class alone
 
     def register_module(self, types: type | Iterable[type], rule: Rule) -> Rule:
         for t in (types,) if isinstance(types, type) else types:
             self.modules[t] = rule
+        self._by_type.clear()
         return rule
 
     def register_function(self, fns: Any, rule: Rule) -> Rule:
@@ -294,14 +296,19 @@ class RuleTable:
         ``forward`` relative to that base (then the base's rule would describe the wrong computation,
         e.g. torchvision's LayerNorm2d permutes around nn.LayerNorm; such modules are traced through)."""
         cls = type(m)
+        hit = self._by_type.get(cls, self)
+        if hit is not self:  # the answer depends on the class alone
+            return hit
         for t in cls.__mro__:
             r = self.modules.get(t)
             if r is not None:
-                if t is not cls and getattr(cls, "forward", None) is not getattr(t, "forward", None) and \
-                        not self._computes_as(m, t):
-                    return None
-                return r
-        return None
+                if t is not cls and getattr(cls, "forward", None) is not getattr(t, "forward", None):
+                    if f"{cls.__module__}.{cls.__qualname__}" in BASE_THEN_POSITIONWISE:
+                        return r if self._computes_as(m, t) else None  # depends on this module's submodules
+                    r = r if self._computes_as(m, t) else None
+                break
+        self._by_type[cls] = r
+        return r
 
     def _computes_as(self, m: nn.Module, base: type) -> bool:
         """Whether ``m`` (whose class overrides ``base.forward``) computes ``base``'s channels exactly
