@@ -158,13 +158,21 @@ def _head_dim(m: nn.Module) -> int | None:
     return None
 
 
+def _weight(m: nn.Module) -> Any:
+    """``getattr(m, "weight", None)`` without the failed-lookup exception of modules that have none."""
+    for store in (m._parameters, m._buffers, m.__dict__):
+        if "weight" in store:
+            return store["weight"]
+    return getattr(m, "weight", None) if hasattr(type(m), "weight") else None  # a property (parametrize)
+
+
 def _reshaped(old: nn.Module, new: nn.Module) -> list[str]:
     """Paths of the modules whose 2-D ``weight`` has another shape in ``new`` (tied aliases included)."""
     new_mods = dict(new.named_modules(remove_duplicate=False))
     out = []
     for name, m in old.named_modules(remove_duplicate=False):
-        w, n = getattr(m, "weight", None), new_mods.get(name)
-        nw = getattr(n, "weight", None) if n is not None else None
+        w, n = _weight(m), new_mods.get(name)
+        nw = _weight(n) if n is not None else None
         if isinstance(w, torch.Tensor) and isinstance(nw, torch.Tensor) and w.dim() == 2 and w.shape != nw.shape:
             out.append(name)
     return out
@@ -250,9 +258,6 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
     rw = RewriteContext(traced, None, keep_of, analysis.table.groups_of)
     state = _named_tensors(graph_module)
     memo: dict[int, Any] = {}
-    for name, t in _named_tensors(model).items():
-        if name in state:
-            memo.setdefault(id(t), state[name])
     for name, mod in model.named_modules(remove_duplicate=False):  # tied tensors: every alias, one tensor
         for store in (mod._parameters, mod._buffers):
             for k, t in store.items():
