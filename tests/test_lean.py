@@ -432,6 +432,8 @@ def test_graph_result_generates_its_code_when_first_used(tmp_path):
     torch.save(gm, tmp_path / "g.pt")
     again = torch.load(tmp_path / "g.pt", weights_only=False)
     torch.testing.assert_close(again(x), gm(x))
+    scripted = torch.jit.script(fx.GraphModule(gm, gm.graph))  # the README's recipe for TorchScript
+    torch.testing.assert_close(scripted(x), gm(x))
 
 
 def test_reduction_shortcut_matches_the_kernels():
