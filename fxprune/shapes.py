@@ -327,7 +327,8 @@ class _MetaInterpreter(_ShapeInterpreter):
         """:meth:`fx.Interpreter.run` without its per-node bookkeeping (context managers, freeing dead
         values: meta tensors hold no memory), the same values and errors."""
         with self._swaps:
-            if initial_env is not None or not enable_io_processing:
+            if initial_env is not None or not enable_io_processing or type(self.graph._codegen) is not fx.graph.CodeGen:
+                # (a pytree code generator restructures inputs and outputs: torch's own loop does that)
                 return super().run(*args, initial_env=initial_env, enable_io_processing=enable_io_processing)
             self.env = env = {}
             self.args_iter = iter(args)
