@@ -99,12 +99,17 @@ def check_model_state(model: nn.Module) -> None:
                              "load_state_dict)")
 
 
+#: norm forwards that write their buffers (running statistics) only in training mode
+_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.modules.instancenorm._InstanceNorm.forward)
+
+
 def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, Any] | None = None) -> nn.Module:
     """A deep copy, so nothing fxprune does (tracing, shape propagation, eval()) touches the user's model.
 
     ``share_weights=True``: the copy's parameters are new ``nn.Parameter`` objects over the user's own
-    storage, its buffers views of the user's (no tensor is copied; everything else is). fxprune's compile
-    reads such a copy only:
+    storage, and the buffers of torch's own batch/instance norms views of the user's (their forward writes
+    them only in training mode; every other buffer, which a forward might write in place, is copied).
+    fxprune's compile reads such a copy only:
     the rewrite slices fresh tensors from it, and the passes that need gradients or write weights work on
     copies of their own (the test suite checks the user's tensors' version counters stay unchanged).
     ``memo``: objects (by id) to use as they are in the copy, e.g. submodules replaced by pruned ones."""
@@ -114,9 +119,10 @@ def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, An
             for p in mod._parameters.values():
                 if type(p) is nn.Parameter and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-            for b in mod._buffers.values():
-                if type(b) is torch.Tensor and id(b) not in memo:
-                    memo[id(b)] = b.detach()
+            if type(mod).forward in _NORM_FORWARDS:
+                for b in mod._buffers.values():
+                    if type(b) is torch.Tensor and id(b) not in memo:
+                        memo[id(b)] = b.detach()
     try:
         return copy_module(model, memo)
     except Exception as exc:  # deepcopy can fail on exotic attributes; keep the cause

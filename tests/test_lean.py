@@ -530,3 +530,31 @@ def test_same_slices_decides_by_the_pruned_size(stop_x, stop_y, before, after, s
     pos = {n: i for i, n in enumerate(gx.nodes)}
     pos_b = {n: i for i, n in enumerate(gy.nodes)}
     assert restore._same_slices(x, y, pos, pos_b) is same
+
+
+class _Counting(nn.Module):
+    """A forward that writes its own buffer in place, in eval mode too (a call counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.c2(torch.relu(self.b1(self.c1(x))))
+
+
+@pytest.mark.parametrize("kwargs", [{"reconstruct": "lstsq", "calib": [(_X,)]}, {"verify": "equivalence"}, {}])
+def test_a_forward_that_writes_its_buffers_never_reaches_the_users(kwargs):
+    """Only torch's own norms' buffers (written only in training) are viewed; the calibration and verification
+    runs of the traced graph write their own copy of any other buffer."""
+    torch.manual_seed(0)
+    model = randomize(_Counting().eval())
+    snap = snapshot(model)
+    res = fxprune.compile(model, _X, ratio=0.5, **kwargs)
+    assert_model_unchanged(model, snap, training=False)
+    assert float(model.calls) == 0 and res.report.groups_pruned > 0
+    assert res.original.b1.running_mean.data_ptr() == model.b1.running_mean.data_ptr()  # the norm's: viewed
