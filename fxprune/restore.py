@@ -352,8 +352,8 @@ def _same_slices(x: fx.Node, y: fx.Node, pos: dict, pos_b: dict) -> bool:
     for d, (a, b) in enumerate(zip(ix, iy, strict=True)):
         if _same_value(a, b, pos, pos_b):
             continue
-        if not (isinstance(a, slice) and isinstance(b, slice) and before[d] != after[d] and all(
-                v is None or type(v) is int for s in (a, b) for v in (s.start, s.stop, s.step))):
+        if before[d] == after[d] or not all(v is None or type(v) is int for s in (a, b)
+                                            for v in (s.start, s.stop, s.step)):
             return False
         if a.indices(after[d]) != b.indices(after[d]):
             return False

@@ -25,7 +25,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from . import meta
 from .errors import InputError, node_location
 from .rules.axes import submodule
-from .rules.base import BASE_THEN_POSITIONWISE
+from .rules.base import BASE_THEN_POSITIONWISE, class_name
 from .rules.elementwise import SAME_DTYPE_FUNCTIONS, SAME_DTYPE_METHODS
 
 __all__ = ["propagate_shapes", "tensor_metadata"]
@@ -134,7 +134,7 @@ def _norm_then_acts(mod: nn.Module) -> type | None:
     whose trailing submodules are all of :data:`_SAME_SHAPE_ACTS`: it keeps its input's shape as the base
     does."""
     cls = type(mod)
-    then = BASE_THEN_POSITIONWISE.get(f"{cls.__module__}.{cls.__qualname__}")
+    then = BASE_THEN_POSITIONWISE.get(class_name(cls))
     if then is None or not isinstance(mod, then[0]):
         return None
     subs = [mod._modules.get(a) for a in then[1]]

@@ -47,7 +47,7 @@ from ..errors import UnsupportedOpError
 from ..meta import shape_of
 from .axes import Axis, AxisTable, ParamInfo, RuleContext, is_state, lookup_tensor, op_key, submodule
 
-__all__ = ["Axis", "AxisTable", "ParamInfo", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES", "is_state", "patch_sizes",
+__all__ = ["Axis", "AxisTable", "ParamInfo", "Rule", "RuleContext", "RewriteContext", "RuleTable", "RULES", "is_state", "patch_sizes", "class_name",
            "op_key", "lookup_tensor", "slice_param", "shrink_tensors"]
 
 
@@ -249,6 +249,11 @@ def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.M
     return new
 
 
+def class_name(cls: type) -> str:
+    """``module.QualName`` of ``cls``: the key of :data:`SAME_CHANNELS_AS` and :data:`BASE_THEN_POSITIONWISE`."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 #: subclasses (by qualified name) whose ``forward`` computes their base's channels exactly, so the base's rule
 #: describes them: timm's TensorFlow-style "SAME" convolution (it pads the spatial dims by a size computed
 #: from the input, which symbolic tracing cannot follow) and timm's Linear (it differs only under TorchScript,
@@ -303,17 +308,17 @@ class RuleTable:
             r = self.modules.get(t)
             if r is not None:
                 if t is not cls and getattr(cls, "forward", None) is not getattr(t, "forward", None):
-                    if f"{cls.__module__}.{cls.__qualname__}" in BASE_THEN_POSITIONWISE:
-                        return r if self._computes_as(m, t) else None  # depends on this module's submodules
-                    r = r if self._computes_as(m, t) else None
+                    name = class_name(cls)
+                    r = r if self._computes_as(m, t, name) else None
+                    if name in BASE_THEN_POSITIONWISE:
+                        return r  # the answer depends on this module's submodules: not cached
                 break
         self._by_type[cls] = r
         return r
 
-    def _computes_as(self, m: nn.Module, base: type) -> bool:
-        """Whether ``m`` (whose class overrides ``base.forward``) computes ``base``'s channels exactly
-        (:data:`SAME_CHANNELS_AS`, :data:`BASE_THEN_POSITIONWISE`)."""
-        name = f"{type(m).__module__}.{type(m).__qualname__}"
+    def _computes_as(self, m: nn.Module, base: type, name: str) -> bool:
+        """Whether ``m`` (whose class, :func:`class_name` ``name``, overrides ``base.forward``) computes
+        ``base``'s channels exactly (:data:`SAME_CHANNELS_AS`, :data:`BASE_THEN_POSITIONWISE`)."""
         if SAME_CHANNELS_AS.get(name) is base:
             return True
         then = BASE_THEN_POSITIONWISE.get(name)
