@@ -101,14 +101,24 @@ def check_model_state(model: nn.Module) -> None:
 
 #: norm forwards that write their buffers (running statistics) only in training mode
 _NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.modules.instancenorm._InstanceNorm.forward)
+#: the same, for libraries fxprune does not import, as ``(module, qualname)`` of the forward function: timm's
+#: batch norm + activation, whose forward is a copy of ``BatchNorm2d.forward`` followed by its ``drop``/``act``
+_NORM_FORWARD_NAMES = {("timm.layers.norm_act", "BatchNormAct2d.forward")}
+
+
+def _norm_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` writes the module's own buffers only in training mode (a known norm's)."""
+    f = cls.forward
+    return f in _NORM_FORWARDS or (getattr(f, "__module__", None), getattr(f, "__qualname__", None)) in \
+        _NORM_FORWARD_NAMES
 
 
 def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, Any] | None = None) -> nn.Module:
     """A deep copy, so nothing fxprune does (tracing, shape propagation, eval()) touches the user's model.
 
     ``share_weights=True``: the copy's parameters are new ``nn.Parameter`` objects over the user's own
-    storage, and the buffers of torch's own batch/instance norms views of the user's (their forward writes
-    them only in training mode; every other buffer, which a forward might write in place, is copied).
+    storage, and the buffers of torch's own batch/instance norms (and timm's ``BatchNormAct2d``) views of the user's
+    (their forward writes them only in training mode; every other buffer, which a forward might write in place, is copied).
     fxprune's compile reads such a copy only:
     the rewrite slices fresh tensors from it, and the passes that need gradients or write weights work on
     copies of their own (the test suite checks the user's tensors' version counters stay unchanged).
@@ -119,7 +129,7 @@ def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, An
             for p in mod._parameters.values():
                 if type(p) is nn.Parameter and id(p) not in memo:
                     memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-            if type(mod).forward in _NORM_FORWARDS:
+            if _norm_forward(type(mod)):
                 for b in mod._buffers.values():
                     if type(b) is torch.Tensor and id(b) not in memo:
                         memo[id(b)] = b.detach()

@@ -412,10 +412,15 @@ def test_timm_batchnorm_act_is_a_leaf():
     timm = pytest.importorskip("timm")
     m = randomize(timm.create_model("efficientnet_b0", pretrained=False).eval())
     x = torch.randn(2, 3, 64, 64)
+    snap = snapshot(m)
     res = fxprune.compile(m, x, ratio=0.5, verify="equivalence")
+    assert_model_unchanged(m, snap, training=False)
     bn_act = [n for n in res.original.graph.nodes if n.op == "call_module"
               and type(res.original.get_submodule(n.target)).__name__ == "BatchNormAct2d"]
     assert len(bn_act) == 49
+    # its forward writes its statistics only in training, like torch's norms: the traced copy views them
+    first = bn_act[0].target
+    assert res.original.get_submodule(first).running_var.data_ptr() == m.get_submodule(first).running_var.data_ptr()
     assert any("traces to the same program" in n for n in res.report.notes)
     torch.testing.assert_close(res.module(x), res.graph_module(x))
 
@@ -558,3 +563,25 @@ def test_a_forward_that_writes_its_buffers_never_reaches_the_users(kwargs):
     assert_model_unchanged(model, snap, training=False)
     assert float(model.calls) == 0 and res.report.groups_pruned > 0
     assert res.original.b1.running_mean.data_ptr() == model.b1.running_mean.data_ptr()  # the norm's: viewed
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_grouped_input_gather_keeps_each_blocks_columns(seed):
+    """A grouped conv's input slice is one gather: row r keeps the columns its block (r // og) kept, exactly as
+    slicing each row block on its own; a mask that keeps unequal numbers per block is refused."""
+    from fxprune.rules import base
+    rng = np.random.default_rng(seed)
+    groups, cg, og = int(rng.integers(1, 9)), int(rng.integers(1, 6)), int(rng.integers(1, 4))
+    m = int(rng.integers(0, cg + 1))
+    keep = np.zeros(groups * cg, dtype=bool)
+    for q in range(groups):
+        keep[q * cg + rng.choice(cg, m, replace=False)] = True
+    data = torch.randn(groups * og, cg, 3, 2)
+    got = base._gather_grouped(data, keep, groups, "w")
+    want = torch.cat([data[q * og:(q + 1) * og][:, np.flatnonzero(keep[q * cg:(q + 1) * cg])] for q in range(groups)])
+    assert got.shape == (groups * og, m, 3, 2) and torch.equal(got, want)
+    assert got.untyped_storage().data_ptr() != data.untyped_storage().data_ptr()
+    if groups > 1 and m > 0:
+        keep[np.flatnonzero(keep)[0]] = False
+        with pytest.raises(ValueError, match="not pruned uniformly"):
+            base._gather_grouped(data, keep, groups, "w")

@@ -312,13 +312,17 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
     pinned = np.zeros(n, dtype=bool)
     pin_reason: dict[int, str] = {}
     block_reason: dict[int, str] = {}
-    for ids, reason, block in table.pins:
-        labs = labels[ids]
-        pinned[labs] = True
-        in_group = group_of[labs]
-        if not len(in_group) or in_group.max() < 0:  # most pins hold spatial/token dims of no group
-            continue
-        for g in np.unique(in_group):
+    hit = np.zeros(len(table.pins), dtype=bool)  # most pins hold spatial/token dims of no group: find the others
+    if table.pins:
+        pin_labs = labels[np.concatenate([ids for ids, _, _ in table.pins])]
+        pinned[pin_labs] = True
+        lens = np.array([len(ids) for ids, _, _ in table.pins], dtype=np.int64)
+        full = lens > 0
+        if full.any():
+            hit[full] = np.maximum.reduceat(group_of[pin_labs], (np.cumsum(lens) - lens)[full]) >= 0
+    for i in np.flatnonzero(hit):
+        ids, reason, block = table.pins[i]
+        for g in np.unique(group_of[labels[ids]]):
             if g >= 0:
                 pin_reason.setdefault(int(g), reason)
                 if block:
@@ -395,18 +399,22 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
         if c.kind == "uniform":
             nb = c.value
             size = ax.size // nb
+            block_of = np.arange(ax.size) // size if size else np.full(ax.size, nb)  # nb: in no block
+            units = unit_of[el]
             for g in np.unique(eg[eg >= 0]):
                 g = int(g)
-                blocks = []
-                for q in range(nb):
-                    blk = slice(q * size, (q + 1) * size)
-                    sel = eg[blk] == g
-                    blocks.append(tuple(sorted({int(x) for x in unit_of[el[blk][sel]]})))
-                flat = [x for b in blocks for x in b]
-                if len(flat) != len(set(flat)):
+                sel = (eg == g) & (block_of < nb)
+                # the group's units in each block, sorted and without repeats: (block, unit) pairs, sorted
+                stride = int(units[sel].max()) + 1 if sel.any() else 1
+                pairs = np.unique(block_of[sel] * stride + units[sel])
+                in_block, unit = np.divmod(pairs, stride)
+                unit = unit.tolist()
+                if len(set(unit)) != len(unit):
                     block_reason.setdefault(g, f"units span several blocks of constraint {c.origin}")
                     continue
-                cons[g].append(Constraint("uniform", nb, c.origin, tuple(blocks)))
+                ends = np.cumsum(np.bincount(in_block, minlength=nb)).tolist()
+                blocks = tuple(tuple(unit[a:b]) for a, b in zip([0] + ends[:-1], ends))
+                cons[g].append(Constraint("uniform", nb, c.origin, blocks))
         else:
             for g in np.unique(eg[eg >= 0]):
                 cons[int(g)].append(c)

@@ -61,10 +61,20 @@ class RewriteContext:
         self.new_gm = new_gm  # the module being built
         self._keep_of = keep_of
         self._groups_of = groups_of
+        self._index: dict[tuple[bytes, torch.device], torch.Tensor] = {}
 
     def keep(self, key: tuple) -> np.ndarray | None:
         """Boolean keep mask of an axis, or None when nothing is removed from it."""
         return self._keep_of(key)
+
+    def index(self, keep: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The positions ``keep`` (a boolean mask) selects, as an index tensor on ``device``; made once per
+        distinct mask (the axes of one group share it: a conv's outputs, its norm, the next conv's inputs)."""
+        key = (keep.tobytes(), device)
+        idx = self._index.get(key)
+        if idx is None:
+            idx = self._index[key] = torch.as_tensor(np.flatnonzero(keep), device=device)
+        return idx
 
     def keep_act(self, node: fx.Node, dim: int, index: int | None = None) -> np.ndarray | None:
         shp = shape_of(node, index)
@@ -91,12 +101,15 @@ def _gather_grouped(data: torch.Tensor, keep: np.ndarray, groups: int, what: str
     slice of ``keep`` (a mask over ``groups * data.shape[1]`` positions)."""
     cg = data.shape[1]
     og = data.shape[0] // groups
-    blocks = [np.flatnonzero(keep[q * cg : (q + 1) * cg]) for q in range(groups)]
-    if len({len(b) for b in blocks}) != 1:
+    per_block = keep[: groups * cg].reshape(groups, cg)
+    kept = per_block.sum(1)
+    if (kept != kept[0]).any():
         raise ValueError(f"{what}: the grouped input channels are not pruned uniformly across its {groups} "
-                         f"groups (kept per group: {[len(b) for b in blocks]})")
-    idx = [torch.as_tensor(b, device=data.device) for b in blocks]
-    return torch.cat([data[q * og : (q + 1) * og].index_select(1, idx[q]) for q in range(groups)], 0)
+                         f"groups (kept per group: {kept.tolist()})")
+    # row r (of block r // og) takes its block's kept columns: one gather for all blocks
+    cols = np.flatnonzero(per_block.reshape(-1)).reshape(groups, int(kept[0])) % cg
+    idx = torch.as_tensor(np.repeat(cols, og, axis=0), device=data.device)
+    return data[torch.arange(data.shape[0], device=data.device)[:, None], idx]
 
 
 def patch_sizes(sizes: Any, new: tuple[int, ...]) -> Any:
@@ -118,7 +131,7 @@ def slice_param(t: torch.Tensor, qualname: str, rw: RewriteContext) -> torch.Ten
         if g > 1 and d == 1 and len(k) == t.shape[d] * g:
             data = _gather_grouped(data, k, g, qualname)
         else:
-            data = data.index_select(d, torch.as_tensor(np.flatnonzero(k), device=data.device))
+            data = data.index_select(d, rw.index(k, data.device))
         sliced = True
     return data if sliced else data.clone()  # a gather already made a fresh tensor
 
