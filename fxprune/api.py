@@ -43,6 +43,7 @@ from .restore import rebuild, same_program, verify_rebuilt
 from .result import CompileResult, Report, build_report
 from .rules import RULES, Rule, RuleTable
 from .structured import FlatBatches, flat_view, structured
+from .clone import set_training
 from .trace import check_model_state, normalize_inputs, trace
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def _compile(model: nn.Module, example_inputs: Any, *, options: CompileOptions |
         return res
     if out is gm:  # a pipeline without a rewrite still returns a module distinct from the original
         out = rewrite_graph(gm, meta.get(gm, "groups") or analyze_graph(gm, rules, "block"), Selection(), inputs)
-    out.train(model.training)
+    set_training(out, model.training)
     after = meta.get(out, "cost") or count_cost(out, rules)
     prov = provenance(out)
     analysis = prov.analysis if prov is not None else meta.get(gm, "groups")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["copy_module"]
+__all__ = ["copy_module", "set_training"]
 
 _ATOMIC = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, type)
 
@@ -89,3 +89,16 @@ def _copy(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[k] = copy.deepcopy(v, memo)
     new.__dict__.update(state)
     return new
+
+
+def set_training(module: nn.Module, mode: bool) -> nn.Module:
+    """``module.train(mode)``, touching only the modules whose flag differs. When any class in the tree
+    customises ``train()`` the real call runs (its override may do more than set the flag)."""
+    mode = bool(mode)
+    mods = list(module.modules())
+    if any(type(m).train is not nn.Module.train for m in mods):
+        return module.train(mode)
+    for m in mods:
+        if m.training is not mode:
+            m.training = mode
+    return module

@@ -26,6 +26,7 @@ from .export import capture
 from .flops import count_cost
 from .rules import RULES, RuleTable
 from .shapes import propagate_shapes
+from .clone import set_training
 from .trace import copy_model, normalize_inputs
 
 __all__ = ["prepare", "prepare_with_note"]
@@ -42,7 +43,7 @@ def prepare_with_note(model: nn.Module, example_inputs: Any, leaf_modules: Itera
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     work = copy_model(model, share_weights)
-    work.eval()
+    set_training(work, False)
     gm, _, note = capture(work, inputs, rules.has_module_rule, leaf_modules, frontend)
     propagate_shapes(gm, inputs)
     meta.put(gm, "cost", count_cost(gm, rules))

@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .clone import copy_module
+from .clone import copy_module, set_training
 from .errors import summary
 from .export import tensors_only
 from .passes.verify import compare_outputs
@@ -292,7 +292,7 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
     reshaped = _reshaped(model, new)
     attributes += _update_counts(new, model, changed, reshaped)
     config, mismatch = _update_config(new, model, reshaped)
-    new.train(model.training)
+    set_training(new, model.training)
     return Rebuilt(new, attributes, config, mismatch, swaps_only and not attributes and not config)
 
 

@@ -585,3 +585,25 @@ def test_grouped_input_gather_keeps_each_blocks_columns(seed):
         keep[np.flatnonzero(keep)[0]] = False
         with pytest.raises(ValueError, match="not pruned uniformly"):
             base._gather_grouped(data, keep, groups, "w")
+
+
+def test_set_training_equals_train_and_respects_overrides():
+    from fxprune.clone import set_training
+
+    class Freezing(nn.Sequential):  # a train() override: BN stays in eval whatever the mode
+        def train(self, mode=True):
+            super().train(mode)
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+            return self
+
+    for make in (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())),
+                 lambda: Freezing(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))):
+        for mode in (True, False):
+            a, b = make(), make()
+            for m in (a, b):
+                m[0].train(not mode)  # mixed flags before
+            a.train(mode)
+            assert set_training(b, mode) is b
+            assert [m.training for m in a.modules()] == [m.training for m in b.modules()]

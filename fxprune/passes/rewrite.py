@@ -27,6 +27,7 @@ from ..rules.axes import submodule
 from ..rules.base import RewriteContext, lookup_tensor, slice_param
 from ..flops import count_cost
 from ..shapes import propagate_shapes
+from ..clone import set_training
 from ..trace import LazyGraphModule
 from .size_values import keep_size_values
 
@@ -106,7 +107,7 @@ def rewrite_graph(
     _retie(new_gm, analysis.table.tied(gm))
     meta.copy_source_finder(gm, new_gm)
     new_gm.graph.lint()
-    new_gm.train(gm.training)
+    set_training(new_gm, gm.training)
     if example_inputs is not None:
         try:
             propagate_shapes(new_gm, example_inputs)
