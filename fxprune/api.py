@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import meta
+from .clone import set_training
 from .errors import (FxpruneError, summary, FxpruneWarning, InputError, ShortfallError, TraceError, UnsupportedOpError,
                      VerificationError)
 from .flops import count_cost
@@ -43,7 +44,6 @@ from .restore import rebuild, same_program, verify_rebuilt
 from .result import CompileResult, Report, build_report
 from .rules import RULES, Rule, RuleTable
 from .structured import FlatBatches, flat_view, structured
-from .clone import set_training
 from .trace import check_model_state, normalize_inputs, trace
 
 log = logging.getLogger(__name__)

@@ -21,12 +21,12 @@ import torch.fx as fx
 from torch import nn
 
 from . import meta
+from .clone import set_training
 from .errors import InputError
 from .export import capture
 from .flops import count_cost
 from .rules import RULES, RuleTable
 from .shapes import propagate_shapes
-from .clone import set_training
 from .trace import copy_model, normalize_inputs
 
 __all__ = ["prepare", "prepare_with_note"]

@@ -99,29 +99,29 @@ def check_model_state(model: nn.Module) -> None:
                              "load_state_dict)")
 
 
-#: norm forwards that write their buffers (running statistics) only in training mode
-_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.modules.instancenorm._InstanceNorm.forward)
-#: the same, for libraries fxprune does not import, as ``(module, qualname)`` of the forward function: timm's
-#: batch norm + activation, whose forward is a copy of ``BatchNorm2d.forward`` followed by its ``drop``/``act``
-_NORM_FORWARD_NAMES = {("timm.layers.norm_act", "BatchNormAct2d.forward")}
+#: norm forwards that write their buffers (running statistics) only in training mode, as ``(module, qualname)``
+#: of the forward function (libraries fxprune does not import are named, not imported): torch's batch and
+#: instance norms, and timm's batch norm + activation (a copy of ``BatchNorm2d.forward``, then ``drop``/``act``)
+_NORM_FORWARDS = {(f.__module__, f.__qualname__) for f in (nn.modules.batchnorm._BatchNorm.forward,
+                                                             nn.modules.instancenorm._InstanceNorm.forward)} | {
+    ("timm.layers.norm_act", "BatchNormAct2d.forward")}
 
 
 def _norm_forward(cls: type) -> bool:
     """Whether ``cls.forward`` writes the module's own buffers only in training mode (a known norm's)."""
     f = cls.forward
-    return f in _NORM_FORWARDS or (getattr(f, "__module__", None), getattr(f, "__qualname__", None)) in \
-        _NORM_FORWARD_NAMES
+    return (getattr(f, "__module__", None), getattr(f, "__qualname__", None)) in _NORM_FORWARDS
 
 
 def copy_model(model: nn.Module, share_weights: bool = False, memo: dict[int, Any] | None = None) -> nn.Module:
     """A deep copy, so nothing fxprune does (tracing, shape propagation, eval()) touches the user's model.
 
     ``share_weights=True``: the copy's parameters are new ``nn.Parameter`` objects over the user's own
-    storage, and the buffers of torch's own batch/instance norms (and timm's ``BatchNormAct2d``) views of the user's
-    (their forward writes them only in training mode; every other buffer, which a forward might write in place, is copied).
-    fxprune's compile reads such a copy only:
-    the rewrite slices fresh tensors from it, and the passes that need gradients or write weights work on
-    copies of their own (the test suite checks the user's tensors' version counters stay unchanged).
+    storage, and the buffers of torch's own batch/instance norms (and timm's ``BatchNormAct2d``) views of the
+    user's (their forward writes them only in training mode; every other buffer, which a forward might write in
+    place, is copied). fxprune's compile reads such a copy only: the rewrite slices fresh tensors from it, and
+    the passes that need gradients or write weights work on copies of their own (the test suite checks the
+    user's tensors' version counters stay unchanged).
     ``memo``: objects (by id) to use as they are in the copy, e.g. submodules replaced by pruned ones."""
     memo = dict(memo or {})
     if share_weights:

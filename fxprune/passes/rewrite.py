@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import meta
+from ..clone import set_training
 from ..errors import InputError, RewriteError, node_location
 from ..ir import Selection
 from ..pipeline import Context, Pass, PassResult
@@ -27,7 +28,6 @@ from ..rules.axes import submodule
 from ..rules.base import RewriteContext, lookup_tensor, slice_param
 from ..flops import count_cost
 from ..shapes import propagate_shapes
-from ..clone import set_training
 from ..trace import LazyGraphModule
 from .size_values import keep_size_values
 
