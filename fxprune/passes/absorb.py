@@ -116,11 +116,8 @@ class _Constancy:
         self.carried: dict[str, set[int]] = {}
         for ref in group.channels:
             self.carried.setdefault(ref.node, set()).update(int(u) for u in member_units(ref))
-        self.memo: dict[tuple[str, int], bool] = {}
+        self.memo: dict[str, tuple[set[int], set[int]]] = {}  # node -> (units asked, units constant)
         self.indep_memo: dict[str, bool] = {}
-
-    def carries(self, node: fx.Node, unit: int) -> bool:
-        return unit in self.carried.get(node.name, ())
 
     def independent(self, node: Any) -> bool:
         """No placeholder among the ancestors: the whole value is the same for every input."""
@@ -144,61 +141,73 @@ class _Constancy:
             got = self.indep_memo[node.name]
         return got
 
-    def const(self, node: fx.Node, unit: int) -> bool:
-        key = (node.name, unit)
-        if key in self.memo:
-            return self.memo[key]
-        self.memo[key] = False  # cycles cannot occur in a DAG; guards re-entry
-        res = self._const(node, unit)
-        self.memo[key] = res
-        return res
+    def const(self, node: fx.Node, units: set[int]) -> set[int]:
+        """The units of ``units`` whose channel of ``node``'s value is the same for every input.
+
+        Decided for a whole set of units at once (one walk of the graph per group, not one per unit)."""
+        asked, got = self.memo.setdefault(node.name, (set(), set()))
+        missing = units - asked
+        if missing:
+            asked |= missing  # cycles cannot occur in a DAG; guards re-entry
+            got |= self._const(node, missing)
+        return got & units
 
     def _tensors(self, x: Any) -> list[fx.Node]:
         out: list[fx.Node] = []
         fx.node.map_arg(x, out.append)
         return out
 
-    def _inputs_ok(self, node: fx.Node, unit: int, positional: bool) -> bool:
+    def _inputs_ok(self, node: fx.Node, units: set[int], positional: bool) -> set[int]:
+        if not units:
+            return set()
         first = set(self._tensors(node.args[0] if node.args else next(iter(node.kwargs.values()), None)))
         rest = [n for n in node.all_input_nodes if n not in first]
         shape_only = node.op == "call_method" and node.target in _SHAPE_ONLY
-        carriers = 0
+        ok, carriers = set(units), set()
         for x in [*first, *rest]:
+            if not ok:
+                break
             if meta.tensor_meta(x) is None:  # ints from size() etc.: static in a traced graph
                 continue
-            if self.carries(x, unit):
-                carriers += 1
-                if not self.const(x, unit):
-                    return False
-            elif x in first and positional:
-                continue  # another piece of a concat: does not feed this unit's positions
-            elif shape_only and x not in first:
+            carried = self.carried.get(x.name, set()) & ok
+            other = ok - carried
+            if carried:  # units x carries: constant only where x is
+                carriers |= carried
+                ok -= carried - self.const(x, carried)
+            if not other:
                 continue
-            elif not self.independent(x):
-                return False
-        return carriers > 0
+            if x in first and positional:
+                continue  # another piece of a concat: does not feed these units' positions
+            if shape_only and x not in first:
+                continue
+            if not self.independent(x):
+                ok -= other
+        return ok & carriers
 
-    def _const(self, node: fx.Node, unit: int) -> bool:
+    def _const(self, node: fx.Node, units: set[int]) -> set[int]:
         if node.op == "get_attr":
-            return True
+            return set(units)
         if node.op != "call_module" and node.op != "call_function" and node.op != "call_method":
-            return False
+            return set()
+        zero: set[int] = set()
         if node.op == "call_module":
             target = str(node.target)
             mod = self.gm.get_submodule(target)
-            if unit in self.zero_units.get(target, ()):
-                return True
+            zero = units & self.zero_units.get(target, set())
+            units = units - zero
             if isinstance(mod, _ConvNd) and not isinstance(mod, _ConvTransposeNd):
                 if mod.groups > 1 and mod.groups == mod.in_channels:  # depthwise: channel-local
-                    return self._inputs_ok(node, unit, positional=False)
-                return False
+                    return zero | self._inputs_ok(node, units, positional=False)
+                return zero
+        if not units:
+            return zero
         rule = self.rules.lookup(self.gm, node)
         if rule is None:
-            return False
+            return zero
         where = rule.locality(node)  # the op family's knowledge (fxprune.rules.base.Rule.local)
         if where in ("positional", "channel_local"):
-            return self._inputs_ok(node, unit, positional=where == "positional")
-        return False
+            return zero | self._inputs_ok(node, units, positional=where == "positional")
+        return zero
 
 
 def _unit_rows(ps: ParamSlice, units: Iterable[int]) -> dict[int, np.ndarray]:
@@ -293,7 +302,7 @@ def plan_absorption(gm: fx.GraphModule, analysis: Any, selection: Selection,
             if ps.role != "in":
                 continue
             owner, _, attr = ps.param.rpartition(".")
-            units = sorted(u for u in candidates if u in set(int(x) for x in member_units(ps)))
+            units = sorted(candidates.intersection(int(x) for x in member_units(ps)))
             if not units:
                 continue
             mod = submodule(gm, owner)
@@ -304,7 +313,10 @@ def plan_absorption(gm: fx.GraphModule, analysis: Any, selection: Selection,
                 notes.append(f"absorb: constant channels feeding {ps.param} ({type(mod).__name__}) are dropped "
                              "without folding (consumer type not supported)")
                 continue
-            const_units = [u for u in units if all(cons.const(c.args[0], u) for c in calls[owner])]
+            alive = set(units)
+            for c in calls[owner]:
+                alive = cons.const(c.args[0], alive)
+            const_units = sorted(alive)
             if const_units:
                 plans.append(_Plan(owner, ps, const_units, calls[owner]))
             if len(const_units) < len(units):
