@@ -74,17 +74,22 @@ class Analysis:
         return removed
 
     def keep_fn(self, selection: Selection) -> Callable[[tuple], np.ndarray | None]:
-        removed = self.removed_labels(selection)
-        labels, axes = self.labels, self.table.axes
+        gone = self.removed_labels(selection)[self.labels]  # per element: is its unit removed
+        axes = self.table.axes
+        bases = self._bases()  # the axes holding a removed element: every other axis keeps all (None)
+        touched = set(bases[np.unique(np.searchsorted(bases, np.flatnonzero(gone), side="right") - 1)].tolist())
 
         def keep_of(key: tuple) -> np.ndarray | None:
             ax = axes.get(key)
-            if ax is None:
+            if ax is None or not ax.size or ax.base not in touched:
                 return None
-            k = ~removed[labels[ax.base : ax.base + ax.size]]
-            return None if k.all() else k
+            return ~gone[ax.base : ax.base + ax.size]
 
         return keep_of
+
+    def _bases(self) -> np.ndarray:
+        """The first element of every non-empty axis, ascending (the table lays axes out one after another)."""
+        return np.array(sorted(ax.base for ax in self.table.axes.values() if ax.size), dtype=np.int64)
 
     def describe(self, prunable_only: bool = False) -> str:
         gs = self.prunable if prunable_only else self.groups
