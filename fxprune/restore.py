@@ -77,13 +77,13 @@ def _named_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _changed_modules(model: nn.Module, keep_of: Callable[[tuple], Any]) -> list[str]:
-    """Paths of the modules whose own parameters or buffers lose positions."""
+def _changed_modules(model: nn.Module, changed: frozenset[str]) -> list[str]:
+    """Paths of the modules whose own parameters or buffers lose positions (``changed``: their names,
+    :meth:`Analysis.changed_tensors`)."""
     out = []
     for name, mod in model.named_modules():
         for store in (mod._parameters, mod._buffers):
-            if any(t is not None and any(keep_of(("p", f"{name}.{k}" if name else k, d)) is not None
-                                         for d in range(t.dim())) for k, t in store.items()):
+            if any(t is not None and (f"{name}.{k}" if name else k) in changed for k, t in store.items()):
                 out.append(name)
                 break
     return out
@@ -264,7 +264,7 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
                 q = f"{name}.{k}" if name else k
                 if t is not None and q in state:
                     memo.setdefault(id(t), state[q])
-    changed = _changed_modules(model, keep_of)
+    changed = _changed_modules(model, analysis.changed_tensors(selection))
     graph_mods = dict(graph_module.named_modules())
     calls: dict[str, list[fx.Node]] = {}
     for n in traced.graph.nodes:

@@ -212,7 +212,8 @@ class FxpruneTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        name = self.path_of_module(m) if not self.is_leaf_module(m, self.path_of_module(m)) else None
+        path = self.path_of_module(m)
+        name = path if not self.is_leaf_module(m, path) else None
         if name is not None:
             self._fxp_stack.append(name)
             stand_in = TRACE_THROUGH.get(type(m))

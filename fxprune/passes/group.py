@@ -74,6 +74,18 @@ class Analysis:
         return removed
 
     def keep_fn(self, selection: Selection) -> Callable[[tuple], np.ndarray | None]:
+        """``keep_of(axis key)``: the keep mask of that axis under ``selection``, or None if it keeps all.
+        The rewrite, the class copy and the post-passes ask for the same selection: made once per selection."""
+        return self._keep(selection)[0]
+
+    def changed_tensors(self, selection: Selection) -> frozenset[str]:
+        """Names of the parameters and buffers of which some dim loses positions under ``selection``."""
+        return self._keep(selection)[1]
+
+    def _keep(self, selection: Selection) -> tuple[Callable[[tuple], np.ndarray | None], frozenset[str]]:
+        memo = self.__dict__.get("_keep_memo")
+        if memo is not None and (memo[0] is selection or memo[0] == selection):
+            return memo[1]
         gone = self.removed_labels(selection)[self.labels]  # per element: is its unit removed
         axes = self.table.axes
         bases = self._bases()  # the axes holding a removed element: every other axis keeps all (None)
@@ -85,7 +97,9 @@ class Analysis:
                 return None
             return ~gone[ax.base : ax.base + ax.size]
 
-        return keep_of
+        changed = frozenset(k[1] for k, ax in axes.items() if k[0] == "p" and ax.size and ax.base in touched)
+        self.__dict__["_keep_memo"] = (selection, (keep_of, changed))
+        return keep_of, changed
 
     def _bases(self) -> np.ndarray:
         """The first element of every non-empty axis, ascending (the table lays axes out one after another)."""
