@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["copy_module", "set_training"]
+__all__ = ["copy_module", "shallow_copy", "set_training"]
 
 _ATOMIC = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, type)
 
@@ -56,6 +56,28 @@ def copy_module(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modu
     """``copy.deepcopy(model, memo)``, faster (see the module docstring). ``memo`` maps ``id(object)`` to
     the object its copy uses (e.g. a parameter to a replacement) and is filled like deepcopy's."""
     return _copy(model, {} if memo is None else memo)
+
+
+_CONTAINERS = (dict, OrderedDict, list, set)
+
+
+def shallow_copy(m: nn.Module) -> nn.Module:
+    """``copy.copy(m)`` with its own containers (parameter, buffer and submodule tables, hook tables, other
+    dicts, lists and sets: one level copied, so filling the copy's never changes ``m``); their values are
+    shared. Classes that customise copying go through ``copy.copy``."""
+    def own(v: Any) -> Any:
+        if not isinstance(v, (dict, list, set)):
+            return v
+        return v.copy() if type(v) in _CONTAINERS else copy.copy(v)
+
+    cls = type(m)
+    if not _plain(cls):
+        new = copy.copy(m)
+        new.__dict__.update({k: own(v) for k, v in m.__dict__.items()})
+        return new
+    new = cls.__new__(cls)
+    new.__dict__.update({k: own(v) for k, v in m.__dict__.items() if k != "_compiled_call_impl"})
+    return new
 
 
 def _tensors(store: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:

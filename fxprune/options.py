@@ -52,8 +52,10 @@ def check_names(model: nn.Module, names: Iterable[str], what: str) -> tuple[str,
         names = (names,)
     if names is None:
         raise ConfigError(f"{what} must be a list of module names, got None (use () for none)")
-    modules = dict(model.named_modules())
     names = tuple(names)
+    if not names:
+        return names
+    modules = dict(model.named_modules())
     bad = [n for n in names if not isinstance(n, str) or n not in modules]
     if bad:
         close = [n for n in modules if n and any(str(b).split(".")[-1] in n for b in bad)][:5]
@@ -168,7 +170,7 @@ class CompileOptions:
         """The options with ``ignore`` checked against ``model``'s module names, and ``ratios`` too (a name
         that is neither a module nor a group root is a ConfigError, never a silent no-op)."""
         ignore = check_names(model, self.ignore, "ignore")
-        modules = dict(model.named_modules())
+        modules = dict(model.named_modules()) if self.ratios else {}
         bad = [k for k in self.ratios if k not in modules]
         if bad:
             close = [n for n in modules if n and any(b.split(".")[-1] in n for b in bad)][:5]

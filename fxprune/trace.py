@@ -92,11 +92,12 @@ def check_model_state(model: nn.Module) -> None:
             raise InputError(f"{where} has parametrized tensors {kinds}: fxprune prunes plain parameters. Call "
                              "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)"
                              " before compiling (and parametrize the result again if you train further)")
-    for pname, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if t.is_meta:
-            raise InputError(f"{pname} is on the meta device (no values): fxprune scores and slices real weights — "
-                             "load or initialise the model's weights first (e.g. model.to_empty(device='cpu') and "
-                             "load_state_dict)")
+        for k, t in itertools.chain(mod._parameters.items(), mod._buffers.items()):
+            if t is not None and t.is_meta:
+                pname = f"{name}.{k}" if name else k
+                raise InputError(f"{pname} is on the meta device (no values): fxprune scores and slices real "
+                                 "weights — load or initialise the model's weights first (e.g. "
+                                 "model.to_empty(device='cpu') and load_state_dict)")
 
 
 #: norm forwards that write their buffers (running statistics) only in training mode, as ``(module, qualname)``

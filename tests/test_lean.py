@@ -109,6 +109,32 @@ def test_position_mass_equals_the_norm_of_every_slice(shape, dim, groups, p):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape,dim,groups", [((8, 6, 3, 3), 0, 1), ((8, 6, 3, 3), 1, 1), ((8, 2, 3, 3), 1, 4),
+                                              ((8, 2, 3, 3), 0, 4), ((8, 6, 1, 1), 0, 1), ((8, 6, 1, 1), 1, 1),
+                                              ((8, 6), 0, 1), ((8, 6), 1, 1), ((7,), 0, 1), ((300, 301), 1, 1),
+                                              ((300, 301), 0, 1), ((70000,), 0, 1), ((64, 48, 5, 5), 1, 1),
+                                              ((64, 8, 3, 3), 1, 8), ((4, 5, 3), 2, 1), ((128, 64, 3, 3), 0, 1),
+                                              ((256, 16, 3, 3), 1, 16), ((600, 600, 3, 3), 1, 1)])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_cache_mass_equals_the_norm_of_every_slice(shape, dim, groups, p, dtype):
+    """Both of the cache's paths (numpy for small tensors, one torch reduction for large ones) against the
+    norm of each slice taken on its own."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    gm = fx.GraphModule(nn.Module(), fx.Graph())
+    gm.register_parameter("w", nn.Parameter(t))
+    got = TensorCache(gm).mass("w", dim, groups, p)
+    t = t.double()
+    n = t.shape[dim] * groups
+    if groups > 1 and dim == 1:
+        og, cg = t.shape[0] // groups, t.shape[1]
+        want = [float(t[(c // cg) * og:(c // cg + 1) * og, c % cg].abs().pow(p).sum()) for c in range(n)]
+    else:
+        want = [float(t.select(dim, i).abs().pow(p).sum()) for i in range(t.shape[dim])]
+    assert got.dtype == np.float64 and got.shape == (len(want),)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
 @pytest.mark.parametrize("span", [Span(0, 4, 2, 2), Span(1, 3, 2, 1), Span(0, 2, 1, 1, 2, 4)])
 def test_slice_mass_equals_the_gathered_slice_norm(span):
     gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3)))

@@ -34,8 +34,6 @@ after every rule ran, except for a dim some rule gave a grouped view.
 
 from __future__ import annotations
 
-import copy
-from collections import OrderedDict
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
@@ -43,6 +41,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..clone import shallow_copy
 from ..errors import UnsupportedOpError
 from ..meta import shape_of
 from .axes import Axis, AxisTable, ParamInfo, RuleContext, is_state, lookup_tensor, op_key, submodule
@@ -240,18 +239,12 @@ class Rule:
         return f"<rule {self.name}>"
 
 
-_PLAIN_CONTAINERS = (dict, OrderedDict, list, set)
-
-
 def shrink_tensors(module: nn.Module, qualname: str, rw: RewriteContext) -> nn.Module:
     """A copy of ``module`` whose direct parameters/buffers are sliced by their axes' keep masks.
 
     Never shares storage with the original: parameters are cloned even when unchanged.
     """
-    new = copy.copy(module)
-    for k, v in module.__dict__.items():  # hook tables etc.: a dict shared with the original would leak
-        if isinstance(v, (dict, list, set)):
-            new.__dict__[k] = v.copy() if type(v) in _PLAIN_CONTAINERS else copy.copy(v)
+    new = shallow_copy(module)  # its own hook tables etc.: a dict shared with the original would leak
     prefix = f"{qualname}." if qualname else ""
     for store, is_param in ((new._parameters, True), (new._buffers, False)):
         for name, t in list(store.items()):
