@@ -87,6 +87,12 @@ def _tensors(store: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:
     return out
 
 
+#: how :func:`_copy` treats a ``__dict__`` value by its exact type: shared (immutable), or a new empty container
+#: when it is empty (hook tables); anything else is looked at by :func:`_atomic` or deep-copied
+_SHARE = frozenset({bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size})
+_EMPTY_NEW = frozenset({dict, OrderedDict, set})
+
+
 def _copy(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if id(m) in memo:
         return memo[id(m)]
@@ -97,16 +103,19 @@ def _copy(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
     memo[id(m)] = new
     state: dict[str, Any] = {}
     for k, v in m.__dict__.items():
-        if k == "_compiled_call_impl":
+        t = type(v)
+        if t in _SHARE:
+            state[k] = v
+        elif t in _EMPTY_NEW and not v and k not in ("_parameters", "_buffers", "_modules"):
+            state[k] = t()
+        elif k == "_compiled_call_impl":
             continue
-        if k == "_modules":
+        elif k == "_modules":
             state[k] = type(v)((n, None if s is None else _copy(s, memo)) for n, s in v.items())
         elif k in ("_parameters", "_buffers"):
             state[k] = _tensors(v, memo)
         elif _atomic(v):
             state[k] = v
-        elif type(v) in (dict, OrderedDict, set) and not v:
-            state[k] = type(v)()
         else:
             state[k] = copy.deepcopy(v, memo)
     new.__dict__.update(state)

@@ -67,9 +67,25 @@ class Rebuilt:
     swaps_only: bool = False
 
 
-def _named_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+def _walk(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``m.named_modules(remove_duplicate=False)``: every path, a module shared by several listed under each."""
+    return list(m.named_modules(remove_duplicate=False))
+
+
+def _first_paths(walk: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``named_modules()`` (each module once, at its first path) from a :func:`_walk`."""
+    seen: set[int] = set()
+    out = []
+    for name, mod in walk:
+        if id(mod) not in seen:
+            seen.add(id(mod))
+            out.append((name, mod))
+    return out
+
+
+def _named_tensors(walk: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for name, mod in m.named_modules(remove_duplicate=False):
+    for name, mod in walk:
         for store in (mod._parameters, mod._buffers):
             for k, t in store.items():
                 if t is not None:
@@ -77,11 +93,11 @@ def _named_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _changed_modules(model: nn.Module, changed: frozenset[str]) -> list[str]:
+def _changed_modules(modules: list[tuple[str, nn.Module]], changed: frozenset[str]) -> list[str]:
     """Paths of the modules whose own parameters or buffers lose positions (``changed``: their names,
     :meth:`Analysis.changed_tensors`)."""
     out = []
-    for name, mod in model.named_modules():
+    for name, mod in modules:
         for store in (mod._parameters, mod._buffers):
             if any(t is not None and (f"{name}.{k}" if name else k) in changed for k, t in store.items()):
                 out.append(name)
@@ -166,11 +182,12 @@ def _weight(m: nn.Module) -> Any:
     return getattr(m, "weight", None) if hasattr(type(m), "weight") else None  # a property (parametrize)
 
 
-def _reshaped(old: nn.Module, new: nn.Module) -> list[str]:
-    """Paths of the modules whose 2-D ``weight`` has another shape in ``new`` (tied aliases included)."""
+def _reshaped(old: list[tuple[str, nn.Module]], new: nn.Module) -> list[str]:
+    """Paths of the modules (``old``: a :func:`_walk` of the model) whose 2-D ``weight`` has another shape in
+    ``new`` (tied aliases included)."""
     new_mods = dict(new.named_modules(remove_duplicate=False))
     out = []
-    for name, m in old.named_modules(remove_duplicate=False):
+    for name, m in old:
         w, n = _weight(m), new_mods.get(name)
         nw = _weight(n) if n is not None else None
         if isinstance(w, torch.Tensor) and isinstance(nw, torch.Tensor) and w.dim() == 2 and w.shape != nw.shape:
@@ -178,12 +195,14 @@ def _reshaped(old: nn.Module, new: nn.Module) -> list[str]:
     return out
 
 
-def _update_counts(new: nn.Module, old: nn.Module, changed: list[str], reshaped: list[str]) -> list[str]:
-    """Head counts and inner/FFN widths of every module above a changed leaf (see the module docstring)."""
+def _update_counts(new: nn.Module, old: list[tuple[str, nn.Module]], changed: list[str],
+                   reshaped: list[str]) -> list[str]:
+    """Head counts and inner/FFN widths of every module above a changed leaf (see the module docstring;
+    ``old``: the model's modules, each once)."""
     done: list[str] = []
     leaf = set(changed)
     above = {c[:i] for c in changed for i, ch in enumerate(c) if ch == "."} | {""}  # ancestors of a changed leaf
-    for name, m in old.named_modules():
+    for name, m in old:
         if name in leaf or name not in above:
             continue
         counted: list[str] = [k for k, v in vars(m).items() if not k.startswith("_") and k not in _SKIP
@@ -256,16 +275,19 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
     """A copy of ``model`` (its class) with the graph result's weights and consistent attributes."""
     keep_of = analysis.keep_fn(selection)
     rw = RewriteContext(traced, None, keep_of, analysis.table.groups_of)
-    state = _named_tensors(graph_module)
+    graph_walk = _walk(graph_module)
+    state = _named_tensors(graph_walk)
     memo: dict[int, Any] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):  # tied tensors: every alias, one tensor
+    model_walk = _walk(model)
+    model_mods = _first_paths(model_walk)
+    for name, mod in model_walk:  # tied tensors: every alias, one tensor
         for store in (mod._parameters, mod._buffers):
             for k, t in store.items():
                 q = f"{name}.{k}" if name else k
                 if t is not None and q in state:
                     memo.setdefault(id(t), state[q])
-    changed = _changed_modules(model, analysis.changed_tensors(selection))
-    graph_mods = dict(graph_module.named_modules())
+    changed = _changed_modules(model_mods, analysis.changed_tensors(selection))
+    graph_mods = dict(_first_paths(graph_walk))
     calls: dict[str, list[fx.Node]] = {}
     for n in traced.graph.nodes:
         if n.op == "call_module":
@@ -289,8 +311,8 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
                 _set_module(new, path, fixed)
         else:
             attributes += [f"{path}.{a}" for a in _fix_plain_attributes(cur, old)]
-    reshaped = _reshaped(model, new)
-    attributes += _update_counts(new, model, changed, reshaped)
+    reshaped = _reshaped(model_walk, new)
+    attributes += _update_counts(new, model_mods, changed, reshaped)
     config, mismatch = _update_config(new, model, reshaped)
     set_training(new, model.training)
     return Rebuilt(new, attributes, config, mismatch, swaps_only and not attributes and not config)
