@@ -157,6 +157,13 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
+def _params(mod: nn.Module) -> list[torch.Tensor]:
+    """``list(mod.parameters())``, without the generator machinery for a module with no submodules."""
+    if not mod._modules:
+        return [p for p in mod._parameters.values() if p is not None]
+    return list(mod.parameters())
+
+
 def count_cost(gm: torch.fx.GraphModule, rules: RuleTable = RULES) -> Cost:
     """Total MACs, distinct parameter count and per-node / per-module MACs of ``gm``."""
     per_node: dict[str, int] = {}
@@ -172,10 +179,11 @@ def count_cost(gm: torch.fx.GraphModule, rules: RuleTable = RULES) -> Cost:
         macs = 0
         if node.op == "call_module":
             mod = submodule(gm, str(node.target))
-            add_params(mod.parameters())
+            params = _params(mod)
+            add_params(params)
             rule = rules.lookup(gm, node)
             if rule is None or not rule.has_macs():
-                if next(mod.parameters(), None) is not None:
+                if params:
                     uncounted.append(node.name)
             else:
                 macs = node_macs(gm, node, rules)
