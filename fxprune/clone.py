@@ -87,9 +87,9 @@ def _tensors(store: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:
     return out
 
 
-#: how :func:`_copy` treats a ``__dict__`` value by its exact type: shared (immutable), or a new empty container
-#: when it is empty (hook tables); anything else is looked at by :func:`_atomic` or deep-copied
-_SHARE = frozenset({bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size})
+#: how :func:`_copy` treats a ``__dict__`` value by its exact type, before the general checks: shared (the
+#: :data:`_ATOMIC` types themselves), or a new empty container when it is empty (hook tables)
+_SHARE = frozenset(_ATOMIC)
 _EMPTY_NEW = frozenset({dict, OrderedDict, set})
 
 
@@ -106,7 +106,7 @@ def _copy(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
         t = type(v)
         if t in _SHARE:
             state[k] = v
-        elif t in _EMPTY_NEW and not v and k not in ("_parameters", "_buffers", "_modules"):
+        elif t in _EMPTY_NEW and not v:
             state[k] = t()
         elif k == "_compiled_call_impl":
             continue

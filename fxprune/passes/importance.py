@@ -135,8 +135,7 @@ def _window_mass(t: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def _fold(m: np.ndarray, dim: int, groups: int) -> np.ndarray:
-    """Per-position mass (float64) of ``dim`` (0 or 1) from the (dim 0, dim 1) matrix ``m`` of a conv."""
-    m = np.asarray(m, dtype=np.float64)
+    """Per-position mass of ``dim`` (0 or 1) from the float64 (dim 0, dim 1) matrix ``m`` of a conv."""
     if groups > 1 and dim == 1:  # grouped conv input: position q * cg + j sums block q's rows of column j
         return m.reshape(groups, m.shape[0] // groups, m.shape[1]).sum(1).reshape(-1)
     return m.sum(1 - dim)
