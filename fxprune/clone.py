@@ -29,6 +29,8 @@ from torch import nn
 __all__ = ["copy_module", "shallow_copy", "set_training"]
 
 _ATOMIC = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, type)
+#: the :data:`_ATOMIC` types themselves: the copiers share a value of exactly one of these types as it is
+_SHARE = frozenset(_ATOMIC)
 
 
 def _atomic(v: Any) -> bool:
@@ -59,6 +61,7 @@ def copy_module(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modu
 
 
 _CONTAINERS = (dict, OrderedDict, list, set)
+_CONTAINER_TYPES = frozenset(_CONTAINERS)
 
 
 def shallow_copy(m: nn.Module) -> nn.Module:
@@ -66,9 +69,12 @@ def shallow_copy(m: nn.Module) -> nn.Module:
     dicts, lists and sets: one level copied, so filling the copy's never changes ``m``); their values are
     shared. Classes that customise copying go through ``copy.copy``."""
     def own(v: Any) -> Any:
-        if not isinstance(v, (dict, list, set)):
+        t = type(v)
+        if t in _SHARE:
             return v
-        return v.copy() if type(v) in _CONTAINERS else copy.copy(v)
+        if t in _CONTAINER_TYPES:
+            return v.copy()
+        return copy.copy(v) if isinstance(v, (dict, list, set)) else v
 
     cls = type(m)
     if not _plain(cls):
@@ -87,9 +93,8 @@ def _tensors(store: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:
     return out
 
 
-#: how :func:`_copy` treats a ``__dict__`` value by its exact type, before the general checks: shared (the
-#: :data:`_ATOMIC` types themselves), or a new empty container when it is empty (hook tables)
-_SHARE = frozenset(_ATOMIC)
+#: how :func:`_copy` treats a ``__dict__`` value by its exact type, before the general checks: shared
+#: (:data:`_SHARE`), or a new empty container when it is empty (hook tables)
 _EMPTY_NEW = frozenset({dict, OrderedDict, set})
 
 

@@ -126,7 +126,11 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, rules: RuleTable = 
     """
     if node.op not in ("call_module", "call_function", "call_method"):
         return 0
-    rule = rules.lookup(gm, node)
+    return _rule_macs(gm, node, rules.lookup(gm, node))
+
+
+def _rule_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: Any) -> int:
+    """:func:`node_macs` with the node's rule already looked up."""
     if rule is None:
         return 0
     macs = rule.macs(node, gm)
@@ -186,7 +190,7 @@ def count_cost(gm: torch.fx.GraphModule, rules: RuleTable = RULES) -> Cost:
                 if params:
                     uncounted.append(node.name)
             else:
-                macs = node_macs(gm, node, rules)
+                macs = _rule_macs(gm, node, rule)
         elif node.op == "get_attr":
             attr = _fetch_attr(gm, str(node.target))
             if isinstance(attr, nn.Parameter):

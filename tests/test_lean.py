@@ -4,6 +4,7 @@ tensor for the magnitude criteria, the class copy checked by its traced program.
 from __future__ import annotations
 
 import itertools
+import operator
 
 import numpy as np
 import pytest
@@ -633,3 +634,50 @@ def test_set_training_equals_train_and_respects_overrides():
             a.train(mode)
             assert set_training(b, mode) is b
             assert [m.training for m in a.modules()] == [m.training for m in b.modules()]
+
+
+class _IdentityNet(nn.Module):
+    """conv -> Identity (as timm's ``aa``, ``drop_path``, ``se`` placeholders) -> bn -> Identity -> conv."""
+
+    def __init__(self, last: nn.Module | None = None) -> None:
+        super().__init__()
+        self.c1, self.n1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+        self.aa, self.drop = nn.Identity(), last if last is not None else nn.Identity(16, unused=True)
+
+    def forward(self, x):
+        return self.c2(self.drop(torch.relu(self.n1(self.aa(self.c1(x))))))
+
+
+class _NotQuiteIdentity(nn.Identity):
+    def forward(self, x):
+        return x * 2
+
+
+def _module_calls(gm: fx.GraphModule) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def test_identity_calls_are_left_out_of_the_graph_and_kept_in_the_class_copy():
+    m = randomize(_IdentityNet().eval())
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    res = fxprune.compile(m, x, ratio=0.5, verify="equivalence")
+    assert _module_calls(res.original) == ["c1", "n1", "c2"]  # no node for aa / drop
+    assert type(res.module.aa) is nn.Identity and type(res.module.drop) is nn.Identity  # the user's class, whole
+    assert res.module.c1.out_channels == 8
+    torch.testing.assert_close(res.module(x), res.graph_module(x))
+    torch.testing.assert_close(m(x), ref)  # the user's model is untouched
+    assert any("traces to the same program" in n for n in res.report.notes)
+
+
+def test_an_identity_listed_as_a_leaf_or_with_its_own_forward_stays_in_the_program():
+    x = torch.randn(2, 3, 8, 8)
+    listed = fxprune.compile(randomize(_IdentityNet().eval()), x, ratio=0.5, leaf_modules=[nn.Identity])
+    assert {"aa", "drop"} <= set(_module_calls(listed.original))
+    named = fxprune.compile(randomize(_IdentityNet().eval()), x, ratio=0.5, leaf_modules=["aa"])
+    assert "aa" in _module_calls(named.original) and "drop" not in _module_calls(named.original)
+    own = randomize(_IdentityNet(_NotQuiteIdentity()).eval())
+    res = fxprune.compile(own, x, ratio=0.5, verify="equivalence")
+    torch.testing.assert_close(res.module(x), res.graph_module(x))
+    assert any(n.op == "call_function" and n.target is operator.mul for n in res.original.graph.nodes) or \
+        "drop" in _module_calls(res.original)  # its own forward runs (traced through or kept), never dropped

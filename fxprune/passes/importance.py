@@ -208,6 +208,10 @@ def reduce_slices(per: list[np.ndarray], how: str) -> np.ndarray | None:
     if not per:
         return None
     m = np.vstack(per)
+    if how == "sum":  # nansum: 0 for a unit no slice covers (no "empty slice" warning to catch)
+        with np.errstate(all="ignore"):
+            s = np.nansum(m, axis=0)
+        return s if np.isfinite(s).all() else np.nan_to_num(s, nan=0.0)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a unit no slice covers: NaN, then 0
         s = {"sum": np.nansum, "mean": np.nanmean, "max": np.nanmax}[how](m, axis=0)
@@ -361,13 +365,32 @@ def resolve_importance(importance: Any, normalize: str | None = None, reduction:
 
 def _filtered(factory: Callable[..., ImportancePass], kw: dict) -> dict:
     """The options of ``kw`` that ``factory`` accepts (compile passes every option to every criterion)."""
+    names = _accepted(factory)
+    return dict(kw) if names is None else {k: v for k, v in kw.items() if k in names}
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted_cached(factory: Callable[..., ImportancePass]) -> frozenset[str] | None:
+    return _accepted_names(factory)
+
+
+def _accepted(factory: Callable[..., ImportancePass]) -> frozenset[str] | None:
+    """The keyword names ``factory`` accepts (None: any); ``inspect.signature`` costs ~0.3 ms, so a hashable
+    factory's answer is kept."""
+    try:
+        return _accepted_cached(factory)
+    except TypeError:  # unhashable factory
+        return _accepted_names(factory)
+
+
+def _accepted_names(factory: Callable[..., ImportancePass]) -> frozenset[str] | None:
     try:
         params = inspect.signature(factory).parameters  # a partial's signature omits its bound names
     except (TypeError, ValueError):
-        return dict(kw)
+        return None
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(kw)
-    return {k: v for k, v in kw.items() if k in params}
+        return None
+    return frozenset(params)
 
 
 def register_importance(name: str, factory: Callable[..., ImportancePass]) -> None:

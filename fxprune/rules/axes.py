@@ -263,6 +263,11 @@ class RuleContext:
 
     # -- axes -----------------------------------------------------------------------------------
     def act(self, x: fx.Node, dim: int, index: int | None = None) -> Axis:
+        if dim >= 0:  # most activation axes were registered by an earlier node: no shape needed
+            ax = self.table.axes.get(("a", x.name, index, dim))
+            if ax is not None:
+                self.touched.add(ax.key)
+                return ax
         shp = shape_of(x, index)
         if shp is None:
             raise ValueError(f"{x} has no tensor shape")
