@@ -160,6 +160,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = t
 
 
+#: argument types torch.fx stores in a node as they are
+_PLAIN_ARGS = frozenset({int, float, bool, str, type(None)})
+
+
 def _global_module_hooks() -> bool:
     """Whether any global ``nn.Module`` hook is registered (``register_module_forward_hook`` etc.)."""
     return any(getattr(_torch_module, name, None) for name in (
@@ -206,6 +210,13 @@ class FxpruneTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_arg(self, a: Any) -> Any:
+        t = type(a)
+        if t is fx.Proxy:  # the common arguments, exactly as torch.fx lowers them (without its chain of checks)
+            return a.node
+        if t in _PLAIN_ARGS:
+            return a
+        if t is tuple:
+            return tuple(self.create_arg(x) for x in a)
         if isinstance(a, torch.Tensor):
             params, bufs = self._names()
             name = params.get(id(a)) if isinstance(a, nn.Parameter) else bufs.get(id(a))
