@@ -115,7 +115,7 @@ class _Constancy:
         self.zero_units = zero_units
         self.carried: dict[str, set[int]] = {}
         for ref in group.channels:
-            self.carried.setdefault(ref.node, set()).update(int(u) for u in member_units(ref))
+            self.carried.setdefault(ref.node, set()).update(member_units(ref).tolist())
         self.memo: dict[str, tuple[set[int], set[int]]] = {}  # node -> (units asked, units constant)
         self.indep_memo: dict[str, bool] = {}
 
@@ -226,7 +226,7 @@ def _unit_rows(ps: ParamSlice, units: Iterable[int]) -> dict[int, np.ndarray]:
     return out
 
 
-def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: set[int]) -> dict[str, set[int]]:
+def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: np.ndarray) -> dict[str, set[int]]:
     """module name -> removed units whose activation that module makes constant (γ = 0 / zero weight row).
 
     When the scoring left the slices' masses (the ``unit_mass`` fact of the magnitude criteria), only the
@@ -249,7 +249,7 @@ def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: set[int
         else:
             continue
         units = member_units(ps)
-        mine = np.isin(units, np.fromiter(removed, dtype=np.int64, count=len(removed)))
+        mine = np.isin(units, removed)
         t = lookup_tensor(gm, ps.param)[0].detach()
         known = next((masses[k] for k in ((ps.param, ps.dim, 1, 1), (ps.param, ps.dim, 1, 2)) if k in masses), None)
         if known is not None and known[0] == t._version:
@@ -290,10 +290,11 @@ def plan_absorption(gm: fx.GraphModule, analysis: Any, selection: Selection,
     notes: list[str] = []
     for gid, k in kept.items():
         g = analysis.groups[gid]
-        removed = set(range(g.size)) - set(k)
-        if not removed:
+        removed = np.ones(g.size, dtype=bool)
+        removed[list(k)] = False
+        if not removed.any():
             continue
-        zero = _source_zero_units(gm, g, removed)
+        zero = _source_zero_units(gm, g, np.flatnonzero(removed))
         candidates = set().union(*zero.values()) if zero else set()
         if not candidates:
             continue
@@ -302,7 +303,7 @@ def plan_absorption(gm: fx.GraphModule, analysis: Any, selection: Selection,
             if ps.role != "in":
                 continue
             owner, _, attr = ps.param.rpartition(".")
-            units = sorted(candidates.intersection(int(x) for x in member_units(ps)))
+            units = sorted(candidates.intersection(member_units(ps).tolist()))
             if not units:
                 continue
             mod = submodule(gm, owner)
