@@ -162,10 +162,16 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
 
 
 def _params(mod: nn.Module) -> list[torch.Tensor]:
-    """``list(mod.parameters())``, without the generator machinery for a module with no submodules."""
+    """The parameters of ``mod`` and its submodules (``mod.parameters()``, possibly repeated or in another order),
+    without the generator machinery."""
     if not mod._modules:
         return [p for p in mod._parameters.values() if p is not None]
-    return list(mod.parameters())
+    out, stack = [], [mod]  # the whole subtree's (the caller counts each tensor once; the order is irrelevant)
+    while stack:
+        m = stack.pop()
+        out += [p for p in m._parameters.values() if p is not None]
+        stack += [c for c in m._modules.values() if c is not None]
+    return out
 
 
 def count_cost(gm: torch.fx.GraphModule, rules: RuleTable = RULES) -> Cost:

@@ -186,7 +186,7 @@ def build_report(gm: fx.GraphModule, out: nn.Module, before: Cost, after: Cost, 
     new_mods = dict(out.named_modules())
     kinds = layer_kinds(gm, rules)
     for name, m in gm.named_modules():
-        if not name or not any(True for _ in m.parameters(recurse=False)):
+        if not name or all(p is None for p in m._parameters.values()):
             continue
         kind = kinds.get(name) or type(m).__name__
         rows.append(LayerRow(name, kind, _main_weight(m), _main_weight(new_mods.get(name)),
