@@ -166,11 +166,14 @@ def _params(mod: nn.Module) -> list[torch.Tensor]:
     without the generator machinery."""
     if not mod._modules:
         return [p for p in mod._parameters.values() if p is not None]
-    out, stack = [], [mod]  # the whole subtree's (the caller counts each tensor once; the order is irrelevant)
+    out, stack, seen = [], [mod], {id(mod)}  # the caller counts each tensor once; the order is irrelevant
     while stack:
         m = stack.pop()
         out += [p for p in m._parameters.values() if p is not None]
-        stack += [c for c in m._modules.values() if c is not None]
+        for c in m._modules.values():
+            if c is not None and id(c) not in seen:  # a module reachable twice (or a cycle) is read once
+                seen.add(id(c))
+                stack.append(c)
     return out
 
 

@@ -740,3 +740,13 @@ def test_torchvision_models(builder, weights_enum, total_tolerance):
 
     # total (including the BN elements, ~0.1% on resnet18 and ~2% on mobilenet_v2)
     assert abs(c.macs / 1e9 - published_gmacs) / published_gmacs < total_tolerance
+
+
+def test_a_composite_leafs_parameters_are_counted_once_even_through_a_cycle():
+    from fxprune.flops import _params
+
+    inner = nn.Linear(3, 2)
+    outer = nn.Sequential(inner, nn.Sequential(inner))
+    outer[1].add_module("back", outer)  # a module tree with a cycle: named_modules() terminates, so must this
+    got = _params(outer)
+    assert {id(p) for p in got} == {id(p) for p in outer.parameters()} and len(got) == 2
