@@ -162,19 +162,10 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
 
 
 def _params(mod: nn.Module) -> list[torch.Tensor]:
-    """The parameters of ``mod`` and its submodules (``mod.parameters()``, possibly repeated or in another order),
-    without the generator machinery."""
+    """``list(mod.parameters())``, without the generator machinery for a module with no submodules."""
     if not mod._modules:
         return [p for p in mod._parameters.values() if p is not None]
-    out, stack, seen = [], [mod], {id(mod)}  # the caller counts each tensor once; the order is irrelevant
-    while stack:
-        m = stack.pop()
-        out += [p for p in m._parameters.values() if p is not None]
-        for c in m._modules.values():
-            if c is not None and id(c) not in seen:  # a module reachable twice (or a cycle) is read once
-                seen.add(id(c))
-                stack.append(c)
-    return out
+    return list(mod.parameters())
 
 
 def count_cost(gm: torch.fx.GraphModule, rules: RuleTable = RULES) -> Cost:

@@ -228,18 +228,16 @@ class FxpruneTracer(fx.Tracer):
         """Whether a call of the ``nn.Identity`` ``m`` is left out of the graph: it has no hooks (the graph
         would no longer run them), no global module hooks are set, and the user did not list it (or
         ``nn.Identity``) in ``leaf_modules``."""
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if any(getattr(m, attr, None) for attr, _ in _HOOKS) or _global_module_hooks():
             return False
-        if _global_module_hooks():
-            return False
-        if self._leaf_types and isinstance(m, self._leaf_types):
-            return False
-        return not (self._leaf_names and self.path_of_module(m) in self._leaf_names)
+        return not self._listed(m, self.path_of_module(m) if self._leaf_names else "")
+
+    def _listed(self, m: nn.Module, path: str) -> bool:
+        """Whether the user's ``leaf_modules`` name ``m`` (by its path) or its type."""
+        return path in self._leaf_names or bool(self._leaf_types and isinstance(m, self._leaf_types))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names:
-            return True
-        if self._leaf_types and isinstance(m, self._leaf_types):
+        if self._listed(m, module_qualified_name):
             return True
         if self._is_rule_leaf(m):
             return True

@@ -369,20 +369,16 @@ def _filtered(factory: Callable[..., ImportancePass], kw: dict) -> dict:
     return dict(kw) if names is None else {k: v for k, v in kw.items() if k in names}
 
 
-@functools.lru_cache(maxsize=256)
-def _accepted_cached(factory: Callable[..., ImportancePass]) -> frozenset[str] | None:
-    return _accepted_names(factory)
-
-
 def _accepted(factory: Callable[..., ImportancePass]) -> frozenset[str] | None:
     """The keyword names ``factory`` accepts (None: any); ``inspect.signature`` costs ~0.3 ms, so a hashable
     factory's answer is kept."""
     try:
-        return _accepted_cached(factory)
-    except TypeError:  # unhashable factory
         return _accepted_names(factory)
+    except TypeError:  # unhashable factory: not cached
+        return _accepted_names.__wrapped__(factory)
 
 
+@functools.lru_cache(maxsize=256)
 def _accepted_names(factory: Callable[..., ImportancePass]) -> frozenset[str] | None:
     try:
         params = inspect.signature(factory).parameters  # a partial's signature omits its bound names
