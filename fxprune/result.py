@@ -10,7 +10,7 @@ The report's layer types come from the op families (:meth:`fxprune.rules.base.Ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -22,7 +22,7 @@ from .ir import ChannelGroup, Selection
 from .pipeline import Context, Pipeline
 from .rules import RULES, RuleTable
 
-__all__ = ["LayerRow", "Report", "CompileResult", "build_report", "merge_reports", "layer_kinds"]
+__all__ = ["LayerRow", "LayerRows", "Report", "CompileResult", "build_report", "merge_reports", "layer_kinds"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,45 @@ class LayerRow:
     macs_after: int
 
 
+class LayerRows(Sequence[LayerRow]):
+    """The report's layer table, made on first use: ``rows`` are ``(name, class name, shape before, shape
+    after, MACs before, MACs after)``; the op families name each layer's type from ``gm`` then. Compares,
+    pickles and copies as the tuple of its rows."""
+
+    def __init__(self, gm: fx.GraphModule, rules: RuleTable, rows: list[tuple]) -> None:
+        self._make: tuple | None = (gm, rules, rows)
+        self._rows: tuple[LayerRow, ...] = ()
+
+    def _all(self) -> tuple[LayerRow, ...]:
+        if self._make is not None:
+            gm, rules, rows = self._make
+            kinds = layer_kinds(gm, rules, {r[0] for r in rows})
+            self._rows = tuple(LayerRow(r[0], kinds.get(r[0]) or r[1], *r[2:]) for r in rows)
+            self._make = None
+        return self._rows
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        return self._all() == (other._all() if isinstance(other, LayerRows) else other)
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+    def __reduce__(self):
+        return tuple, (self._all(),)
+
+
 @dataclass(frozen=True)
 class Report:
     """Params and MACs before/after, plus a per-layer width table (``print(report)``)."""
@@ -43,7 +82,7 @@ class Report:
     params_after: int
     macs_before: int
     macs_after: int
-    layers: tuple[LayerRow, ...] = ()
+    layers: Sequence[LayerRow] = ()  # a tuple, or the LayerRows of a compile
     groups_total: int = 0
     groups_pruned: int = 0
     blocked: tuple[tuple[str, str], ...] = ()  # (group root, reason) of groups that could not be pruned
@@ -166,12 +205,17 @@ def _main_weight(m: nn.Module | None) -> tuple[int, ...]:
     return ()
 
 
-def layer_kinds(gm: fx.GraphModule, rules: RuleTable = RULES) -> dict[str, str]:
-    """Module path -> what the op families call the layer there (``"Linear"``, ``"Conv2d"``...)."""
+def layer_kinds(gm: fx.GraphModule, rules: RuleTable = RULES, only: set[str] | None = None) -> dict[str, str]:
+    """Module path -> what the op families call the layer there (``"Linear"``, ``"Conv2d"``...); ``only``:
+    just these paths (the first op of a module that has a kind names it)."""
     out: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
+        if only is not None:
+            owner = module_owner(node)
+            if owner not in only or owner in out:
+                continue
         rule = rules.lookup(gm, node)
         kind = rule.layer_kind(node, gm) if rule is not None else None
         if kind:
@@ -182,15 +226,12 @@ def layer_kinds(gm: fx.GraphModule, rules: RuleTable = RULES) -> dict[str, str]:
 def build_report(gm: fx.GraphModule, out: nn.Module, before: Cost, after: Cost, analysis: Any, selection: Selection,
                  ctx: Context, seconds: float, rules: RuleTable = RULES) -> Report:
     """The report of one compile: ``gm`` the traced original, ``out`` the result."""
-    rows = []
     new_mods = dict(out.named_modules())
-    kinds = layer_kinds(gm, rules)
-    for name, m in gm.named_modules():
-        if not name or all(p is None for p in m._parameters.values()):
-            continue
-        kind = kinds.get(name) or type(m).__name__
-        rows.append(LayerRow(name, kind, _main_weight(m), _main_weight(new_mods.get(name)),
-                             before.per_module.get(name, 0), after.per_module.get(name, 0)))
+    # the widths and MACs are taken now (the user may change the result later); the layer types, read from
+    # the traced graph (fxprune's private copy), are named when the table is first read
+    rows = [(name, type(m).__name__, _main_weight(m), _main_weight(new_mods.get(name)),
+             before.per_module.get(name, 0), after.per_module.get(name, 0))
+            for name, m in gm.named_modules() if name and any(p is not None for p in m._parameters.values())]
     blocked: tuple[tuple[str, str], ...] = ()
     total = 0
     if analysis is not None:
@@ -199,7 +240,7 @@ def build_report(gm: fx.GraphModule, out: nn.Module, before: Cost, after: Cost, 
         blocked = tuple((g.root, g.blocked) for g in analysis.groups
                         if g.blocked and g.size > 1 and not g.blocked.endswith(("network output", "network input")))
     batch = int(ctx.example_inputs[0].shape[0]) if ctx.example_inputs and ctx.example_inputs[0].dim() else 1
-    return Report(before.params, after.params, before.macs, after.macs, tuple(rows), total, len(selection.keep),
+    return Report(before.params, after.params, before.macs, after.macs, LayerRows(gm, rules, rows), total, len(selection.keep),
                   blocked, tuple(ctx.notes), seconds, batch, tuple(before.uncounted),
                   shortfall=tuple(dict.fromkeys(ctx.shortfalls)))
 

@@ -681,3 +681,50 @@ def test_an_identity_listed_as_a_leaf_or_with_its_own_forward_stays_in_the_progr
     torch.testing.assert_close(res.module(x), res.graph_module(x))
     assert any(n.op == "call_function" and n.target is operator.mul for n in res.original.graph.nodes) or \
         "drop" in _module_calls(res.original)  # its own forward runs (traced through or kept), never dropped
+
+
+def test_keep_masks_match_the_removed_units_axis_by_axis():
+    res = fxprune.compile(_net(3), _X, ratio=0.5, result="graph")
+    a, sel = res.analysis, res.selection
+    keep_of = a.keep_fn(sel)
+    gone = a.removed_labels(sel)[a.labels]  # per element: its unit is removed
+    assert gone.any()
+    changed = set()
+    for key, ax in a.table.axes.items():
+        seg = gone[ax.base : ax.base + ax.size]
+        if seg.any():
+            np.testing.assert_array_equal(keep_of(key), ~seg)
+            if key[0] == "p":
+                changed.add(key[1])
+        else:
+            assert keep_of(key) is None, key
+    assert keep_of(("a", "no such node", None, 0)) is None
+    assert changed and a.changed_tensors(sel) == changed
+    assert {n for n, p in res.graph_module.named_parameters()} >= {"c1.weight", "fc.weight"}
+    assert res.graph_module.c1.weight.shape[0] == int((~gone[a.table.axes[("p", "c1.weight", 0)].ids()]).sum())
+
+
+def test_the_layer_table_is_the_compile_time_one_named_on_first_read():
+    import copy
+    import pickle
+
+    from fxprune.result import LayerRows, layer_kinds
+
+    res = fxprune.compile(_net(4), _X, ratio=0.5)
+    rows = res.report.layers
+    assert isinstance(rows, LayerRows) and rows._make is not None  # not made yet
+    shapes_after = {n: tuple(m.weight.shape) for n, m in res.module.named_modules() if hasattr(m, "weight")}
+    with torch.no_grad():  # the user changes the result afterwards: the report still describes the compile
+        res.module.fc.weight = nn.Parameter(torch.zeros(1, 1))
+    kinds = layer_kinds(res.original)  # every node's kind, without the "only these layers" shortcut
+    table = {r.name: r for r in rows}
+    assert set(table) == {"c1", "b1", "c2", "b2", "fc"}
+    for name, r in table.items():
+        assert r.kind == kinds[name]
+        assert r.after == shapes_after[name]
+        assert r.before == tuple(res.original.get_submodule(name).weight.shape)
+    assert table["c1"].kind == "Conv2d" and table["b1"].kind == "BatchNorm2d" and table["fc"].kind == "Linear"
+    assert table["c1"].after[0] < table["c1"].before[0]
+    assert pickle.loads(pickle.dumps(res.report)).layers == tuple(rows)
+    assert type(copy.deepcopy(res.report).layers) is tuple and copy.deepcopy(res.report) == res.report
+    assert "c1" in str(res.report)

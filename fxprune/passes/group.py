@@ -65,9 +65,9 @@ class Analysis:
             g = self.groups[gid]
             mask = np.ones(g.size, dtype=bool)
             mask[list(kept)] = False
-            bad = set(np.flatnonzero(mask)) & set(g.pinned)
-            if bad:
-                raise ConfigError(f"selection removes pinned units {sorted(bad)[:5]} of group {gid}")
+            if g.pinned and mask[list(g.pinned)].any():
+                bad = sorted(set(np.flatnonzero(mask).tolist()) & set(g.pinned))
+                raise ConfigError(f"selection removes pinned units {bad[:5]} of group {gid}")
             if g.blocked and mask.any():
                 raise ConfigError(f"selection prunes blocked group {gid} ({g.blocked})")
             removed[self.unit_labels[gid][mask]] = True
@@ -88,8 +88,10 @@ class Analysis:
             return memo[1]
         gone = self.removed_labels(selection)[self.labels]  # per element: is its unit removed
         axes = self.table.axes
-        bases = self._bases()  # the axes holding a removed element: every other axis keeps all (None)
-        touched = set(bases[np.unique(np.searchsorted(bases, np.flatnonzero(gone), side="right") - 1)].tolist())
+        bases, params = self.table.layout()
+        # the axes holding a removed element (every other axis keeps all: None); axes tile the element space
+        hit = np.logical_or.reduceat(gone, bases) if len(bases) else np.zeros(0, dtype=bool)
+        touched = set(bases[hit].tolist())
 
         def keep_of(key: tuple) -> np.ndarray | None:
             ax = axes.get(key)
@@ -97,13 +99,9 @@ class Analysis:
                 return None
             return ~gone[ax.base : ax.base + ax.size]
 
-        changed = frozenset(k[1] for k, ax in axes.items() if k[0] == "p" and ax.size and ax.base in touched)
+        changed = frozenset(name for i, name in params if hit[i])
         self.__dict__["_keep_memo"] = (selection, (keep_of, changed))
         return keep_of, changed
-
-    def _bases(self) -> np.ndarray:
-        """The first element of every non-empty axis, ascending (the table lays axes out one after another)."""
-        return np.array(sorted(ax.base for ax in self.table.axes.values() if ax.size), dtype=np.int64)
 
     def describe(self, prunable_only: bool = False) -> str:
         gs = self.prunable if prunable_only else self.groups

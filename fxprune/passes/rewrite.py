@@ -3,8 +3,9 @@
 Modules called by the graph are rebuilt by their rule (``rewrite_module``: sliced parameters, updated
 size attributes); parameters read with ``get_attr`` are sliced generically; literal sizes in node
 arguments are patched by the node's rule (``rewrite_node``). Every tensor of the result is a fresh
-copy, so the original model's parameters are never shared or modified. The new graph is linted and its
-shapes are propagated again (the ``shapes`` fact then describes the new module).
+copy, so the original model's parameters are never shared or modified. The new graph's shapes are
+propagated again (the ``shapes`` fact then describes the new module; the run also checks the graph's structure,
+which fx's lint does when there are no example inputs).
 """
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ def rewrite_graph(
     new_gm = LazyGraphModule(root, new_graph, gm.__class__.__name__)
     _retie(new_gm, analysis.table.tied(gm))
     meta.copy_source_finder(gm, new_gm)
-    new_gm.graph.lint()
     set_training(new_gm, gm.training)
-    if example_inputs is not None:
+    # the graph's structure is checked by the shape run when there are inputs (every value defined before its
+    # use, every target present; a failure there is a RewriteError), else by fx's lint
+    if example_inputs is None:
+        new_gm.graph.lint()
+    else:
         try:
             propagate_shapes(new_gm, example_inputs)
         except InputError as exc:  # the original ran on these inputs: the rewrite is inconsistent

@@ -89,6 +89,7 @@ class AxisTable:
         self.live: set[tuple] = set()
         self._aliases: dict[str, tuple[str, ...]] | None = None
         self._tied: list[tuple[str, ...]] | None = None
+        self._layout: tuple[np.ndarray, list[tuple[int, str]]] | None = None
 
     def aliases(self, gm: fx.GraphModule, qualname: str) -> tuple[str, ...]:
         """The other names of the tensor ``qualname`` in ``gm`` (tied weights: an embedding that is also
@@ -110,9 +111,19 @@ class AxisTable:
             self.axes[key] = ax
             self.order.append(key)
             self.n += int(size)
+            self._layout = None
         elif ax.size != size:
             raise ValueError(f"axis {key} registered with size {ax.size}, now {size}")
         return ax
+
+    def layout(self) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """The first element of every non-empty axis, ascending (axes are laid out one after another, so
+        consecutive bases delimit them), and ``(position in it, tensor name)`` of the parameter axes."""
+        if self._layout is None:
+            keys = [key for key, ax in self.axes.items() if ax.size]  # registration order: ascending bases
+            bases = np.array([self.axes[k].base for k in keys], dtype=np.int64)
+            self._layout = (bases, [(i, k[1]) for i, k in enumerate(keys) if k[0] == "p"])
+        return self._layout
 
     def labels(self) -> np.ndarray:
         """The connected-component label (smallest member id) of every element under the table's ties.
