@@ -227,7 +227,7 @@ def _unit_rows(ps: ParamSlice, units: Iterable[int]) -> dict[int, np.ndarray]:
 
 
 def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: np.ndarray) -> dict[str, set[int]]:
-    """module name -> removed units whose activation that module makes constant (γ = 0 / zero weight row).
+    """module name -> removed units (``removed``: mask over units) whose activation it makes constant (γ = 0, zero row).
 
     When the scoring left the slices' masses (the ``unit_mass`` fact of the magnitude criteria), only the
     units whose mass is 0 are read (a non-zero mass proves a non-zero row); the rest of the weights is not."""
@@ -249,7 +249,7 @@ def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: np.ndar
         else:
             continue
         units = member_units(ps)
-        mine = np.isin(units, removed)
+        mine = removed[units]
         t = lookup_tensor(gm, ps.param)[0].detach()
         known = next((masses[k] for k in ((ps.param, ps.dim, 1, 1), (ps.param, ps.dim, 1, 2)) if k in masses), None)
         if known is not None and known[0] == t._version:
@@ -294,7 +294,7 @@ def plan_absorption(gm: fx.GraphModule, analysis: Any, selection: Selection,
         removed[list(k)] = False
         if not removed.any():
             continue
-        zero = _source_zero_units(gm, g, np.flatnonzero(removed))
+        zero = _source_zero_units(gm, g, removed)
         candidates = set().union(*zero.values()) if zero else set()
         if not candidates:
             continue

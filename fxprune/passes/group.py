@@ -440,7 +440,7 @@ def _build_groups(table: AxisTable, labels: np.ndarray, allow_lossy: bool, notes
     unit_labels = []
     for g in range(ng):
         labs = np.asarray(unit_lists[g], dtype=np.int64)
-        pin_units = tuple(int(x) for x in np.flatnonzero(pinned[labs]))
+        pin_units = tuple(np.flatnonzero(pinned[labs]).tolist())
         blocked = block_reason.get(g, "")
         lossy = lossy_reason.get(g, "")
         if lossy and not allow_lossy and not blocked:
