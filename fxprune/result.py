@@ -240,8 +240,8 @@ def build_report(gm: fx.GraphModule, out: nn.Module, before: Cost, after: Cost, 
         blocked = tuple((g.root, g.blocked) for g in analysis.groups
                         if g.blocked and g.size > 1 and not g.blocked.endswith(("network output", "network input")))
     batch = int(ctx.example_inputs[0].shape[0]) if ctx.example_inputs and ctx.example_inputs[0].dim() else 1
-    return Report(before.params, after.params, before.macs, after.macs, LayerRows(gm, rules, rows), total, len(selection.keep),
-                  blocked, tuple(ctx.notes), seconds, batch, tuple(before.uncounted),
+    return Report(before.params, after.params, before.macs, after.macs, LayerRows(gm, rules, rows), total,
+                  len(selection.keep), blocked, tuple(ctx.notes), seconds, batch, tuple(before.uncounted),
                   shortfall=tuple(dict.fromkeys(ctx.shortfalls)))
 
 

@@ -227,7 +227,7 @@ def _unit_rows(ps: ParamSlice, units: Iterable[int]) -> dict[int, np.ndarray]:
 
 
 def _source_zero_units(gm: fx.GraphModule, group: ChannelGroup, removed: np.ndarray) -> dict[str, set[int]]:
-    """module name -> removed units (``removed``: mask over units) whose activation it makes constant (γ = 0, zero row).
+    """module name -> removed units (``removed``: a mask) whose activation it makes constant (γ = 0, zero row).
 
     When the scoring left the slices' masses (the ``unit_mass`` fact of the magnitude criteria), only the
     units whose mass is 0 are read (a non-zero mass proves a non-zero row); the rest of the weights is not."""
