@@ -259,14 +259,26 @@ def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], opt
         res.report = dataclasses.replace(res.report, form="GraphModule")
         return res
     t0 = time.perf_counter()
-    program = ""
-    try:
-        rb = rebuild(model, res.graph_module, res.analysis, res.selection, res.original, options.rule_table)
-        program = "not traced" if trace_fn is None else same_program(
-            rb.module, res.graph_module, trace_fn, res.original.graph if rb.swaps_only else None)
-        why, second = ("", True) if not program else verify_rebuilt(rb.module, res.graph_module, args, kwargs)
-    except Exception as exc:  # noqa: BLE001 - any failure means: keep the graph result, say why
-        rb, why, second = None, f"could not be made ({type(exc).__name__}: {summary(exc)})", False
+
+    def attempt(literals: bool, before: Any = None) -> tuple[Any, str, str, bool]:
+        program = ""
+        try:
+            rb = rebuild(model, res.graph_module, res.analysis, res.selection, res.original, options.rule_table,
+                         literals)
+            if before is not None and rb.attributes == before.attributes:
+                return rb, "", "the same copy", False  # no size read from a plain attribute: nothing new to check
+            program = "not traced" if trace_fn is None else same_program(
+                rb.module, res.graph_module, trace_fn, res.original.graph if rb.swaps_only else None)
+            why, second = ("", True) if not program else verify_rebuilt(rb.module, res.graph_module, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure means: keep the graph result, say why
+            rb, why, second = None, f"could not be made ({type(exc).__name__}: {summary(exc)})", False
+        return rb, program, why, second
+
+    rb, program, why, second = attempt(False)
+    if why and rb is not None:  # again with the sizes its forward reads from plain attributes (fxprune.literals)
+        again = attempt(True, rb)
+        if not again[2]:
+            rb, program, why, second = again
     if why or rb is None:
         msg = f"your {cls} class could not be kept: its copy with the pruned layers {why}"
         if options.result == "class":

@@ -41,6 +41,7 @@ from .rules import RULES, RuleTable
 from .meta import shape_of
 from .rules.axes import submodule
 from .rules.base import RewriteContext
+from .literals import update_literal_attributes
 from .trace import eval_mode
 
 __all__ = ["rebuild", "verify_rebuilt", "same_program", "second_inputs", "Rebuilt"]
@@ -271,8 +272,10 @@ def _describes(model: nn.Module, cfg: Any) -> str:
 
 
 def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection: Any, traced: fx.GraphModule,
-            rules: RuleTable = RULES) -> Rebuilt:
-    """A copy of ``model`` (its class) with the graph result's weights and consistent attributes."""
+            rules: RuleTable = RULES, literals: bool = False) -> Rebuilt:
+    """A copy of ``model`` (its class) with the graph result's weights and consistent attributes;
+    ``literals``: also the ``int`` attributes its forward read as literal sizes (:mod:`fxprune.literals`; the
+    callers try this when the copy without it does not match the graph result)."""
     keep_of = analysis.keep_fn(selection)
     rw = RewriteContext(traced, None, keep_of, analysis.table.groups_of)
     graph_walk = _walk(graph_module)
@@ -313,6 +316,8 @@ def rebuild(model: nn.Module, graph_module: nn.Module, analysis: Any, selection:
             attributes += [f"{path}.{a}" for a in _fix_plain_attributes(cur, old)]
     reshaped = _reshaped(model_walk, new)
     attributes += _update_counts(new, model_mods, changed, reshaped)
+    if literals:
+        attributes += update_literal_attributes(new, model, traced, graph_module, _SKIP)
     config, mismatch = _update_config(new, model, reshaped)
     set_training(new, model.training)
     return Rebuilt(new, attributes, config, mismatch, swaps_only and not attributes and not config)

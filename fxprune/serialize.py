@@ -411,11 +411,18 @@ def _as_class(step: tuple[nn.Module, Any, Any, fx.GraphModule], out: fx.GraphMod
     """The saved result was the user's class: rebuild it around ``out``'s tensors (verified; if it does not
     match, the graph is returned with a warning)."""
     model, analysis, selection, traced = step
-    try:
-        rb = rebuild(model, out, analysis, selection, traced)
-        why, _ = verify_rebuilt(rb.module, out, inputs)
-    except Exception as exc:  # noqa: BLE001 - reported; the graph result is still right
-        rb, why = None, f"could not be made ({type(exc).__name__}: {exc})"
+    rb, why = None, ""
+    for literals in (False, True):  # the second time with the sizes its forward reads from plain attributes
+        try:
+            cand = rebuild(model, out, analysis, selection, traced, literals=literals)
+            msg, _ = verify_rebuilt(cand.module, out, inputs)
+        except Exception as exc:  # noqa: BLE001 - reported; the graph result is still right
+            cand, msg = None, f"could not be made ({type(exc).__name__}: {exc})"
+        if not msg and cand is not None:
+            rb, why = cand, ""
+            break
+        if not literals:
+            rb, why = cand, msg  # the first attempt's failure is the one reported
     if why or rb is None:
         log.warning("fxprune.load: the saved model was a %s, but its copy with the pruned layers %s; returning "
                     "the GraphModule", type(model).__name__, why)

@@ -17,7 +17,7 @@ LAYERS = {
     "trace": 1, "modules": 1, "export": 1,
     "rules": 2,
     "shapes": 3, "flops": 3,
-    "pipeline": 4, "prepare": 4, "structured": 4, "progress": 0, "fileformat": 0,
+    "pipeline": 4, "prepare": 4, "structured": 4, "literals": 4, "progress": 0, "fileformat": 0,
     "calib_stats": 4, "calib": 5, "passes": 5, "options": 6,
     "result": 6, "restore": 6, "hf": 1, "specs": 10, "report": 7, "hierarchical": 7, "api": 8,
     "serialize": 9, "finetune": 9, "sparsity": 10,

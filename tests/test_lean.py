@@ -728,3 +728,85 @@ def test_the_layer_table_is_the_compile_time_one_named_on_first_read():
     assert pickle.loads(pickle.dumps(res.report)).layers == tuple(rows)
     assert type(copy.deepcopy(res.report).layers) is tuple and copy.deepcopy(res.report) == res.report
     assert "c1" in str(res.report)
+
+
+class _PadBlock(nn.Module):
+    """timm RexNet's block: the shortcut is added to the first ``self.in_channels`` channels (a plain int the
+    forward reads, so the traced graph holds it as a literal)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = cin, cout
+        self.conv = nn.Conv2d(cin, cout, 1)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.bn(self.conv(x))
+        return torch.cat([x[:, 0:self.in_channels] + shortcut, x[:, self.in_channels:]], dim=1)
+
+
+class _PadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = _PadBlock(8, 12)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b1(torch.relu(self.stem(x)))))
+
+
+def test_an_int_attribute_read_as_a_literal_follows_the_pruned_width_in_the_class_copy():
+    from fxprune.literals import literal_changes
+
+    m = randomize(_PadNet().eval())
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.compile(m, x, ratio=0.5, verify="equivalence")
+    assert type(res.module) is _PadNet, res.report.notes  # the user's class is kept
+    kept = res.graph_module.stem.out_channels
+    assert kept < 8 and res.module.b1.in_channels == kept and m.b1.in_channels == 8  # the user's is untouched
+    assert literal_changes(res.original, res.graph_module)["b1"][8] == {kept}
+    assert any(f"b1.in_channels: 8 -> {kept}" in n for n in res.report.notes)
+    for xb in (x, torch.randn(3, 3, 5, 7)):
+        torch.testing.assert_close(res.module(xb), res.graph_module(xb))
+
+
+def test_a_loaded_class_copy_gets_its_literal_sizes_too(tmp_path):
+    m = randomize(_PadNet().eval())
+    x = torch.randn(2, 3, 8, 8)
+    res = fxprune.compile(m, x, ratio=0.5)
+    fxprune.save(res, tmp_path / "m.pt")
+    loaded = fxprune.load(tmp_path / "m.pt", randomize(_PadNet().eval()))
+    assert type(loaded) is _PadNet and loaded.b1.in_channels == res.module.b1.in_channels < 8
+    torch.testing.assert_close(loaded(x), res.module(x))
+
+
+def test_an_ambiguous_literal_leaves_the_attribute_alone():
+    from fxprune.literals import update_literal_attributes
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 4
+
+    traced, pruned = fx.Graph(), fx.Graph()
+    for g, stops in ((traced, (4, 4)), (pruned, (2, 3))):  # the value 4 became 2 in one place and 3 in another
+        x = g.placeholder("x")
+        a = g.call_function(operator.getitem, (x, (slice(None), slice(0, stops[0]))))
+        b = g.call_function(operator.getitem, (x, (slice(None), slice(0, stops[1]))))
+        g.output((a, b))
+    old, new = Two(), Two()
+    assert update_literal_attributes(new, old, fx.GraphModule(old, traced), fx.GraphModule(old, pruned)) == []
+    assert new.n == 4
+
+
+def test_timm_rexnet_keeps_its_class():
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("rexnet_100").eval()
+    x = torch.randn(2, 3, 64, 64)
+    res = fxprune.compile(m, x, ratio=0.5)
+    assert type(res.module).__name__ == "RexNet", res.report.notes
+    block = res.module.features[2]
+    assert block.in_channels == res.module.features[1].conv_pwl.conv.out_channels < m.features[2].in_channels
+    torch.testing.assert_close(res.module(x), res.graph_module(x))
