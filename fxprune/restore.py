@@ -51,6 +51,7 @@ _HEADS = re.compile(r"^(num_|n_)?(attention_|attn_)?heads?$|^num_(key_value|kv)_
 _INNER = re.compile(r"^(all_head_size|inner_dim|inner_size|split_size|attention_dim|qkv_dim)$")
 _FFN = re.compile(r"^(intermediate_size|d_ff|ffn_dim|n_inner|ffn_hidden_size|mlp_dim)$")
 _HIDDEN = re.compile(r"^(hidden_size|d_model|n_embd|embed_dim|model_dim|hidden_dim|emb_dim)$")
+_FX_CONSTANT = re.compile(r"_tensor_constant\d+")  # torch.fx's name for a tensor its trace computed
 _SKIP = {"training", "layer_idx", "layer_id", "vocab_size", "num_layers", "num_hidden_layers", "n_layer"}
 
 
@@ -356,7 +357,8 @@ def same_program(rebuilt: nn.Module, graph_module: fx.GraphModule,
             return f"node {y.name}: arguments {x.args} vs {y.args}"
         if x.op == "call_module" and not _same_module(submodule(root, x.target), submodule(graph_module, y.target)):
             return f"module {x.target} differs"
-        if x.op == "get_attr" and not _same_value(_attr(root, x.target), _attr(graph_module, y.target), {}, {}):
+        if x.op == "get_attr" and not _same_value(_attr(root, x.target, captured), _attr(graph_module, y.target),
+                                                  {}, {}):
             return f"attribute {x.target} differs"
     return ""
 
@@ -387,8 +389,13 @@ def _same_slices(x: fx.Node, y: fx.Node, pos: dict, pos_b: dict) -> bool:
     return True
 
 
-def _attr(m: nn.Module, path: str) -> Any:
+def _attr(m: nn.Module, path: str, captured: fx.Graph | None = None) -> Any:
+    """``m``'s attribute ``path``; with the ``captured`` program, a tensor torch.fx's trace computed and stored
+    on the traced copy (``_tensor_constantN``: the forward makes it from no input) is read from that copy —
+    the rebuilt model's own forward computes it again, as it did when captured."""
     owner, _, name = path.rpartition(".")
+    if captured is not None and not owner and _FX_CONSTANT.fullmatch(name) and not hasattr(m, name):
+        m = captured.owning_module
     return getattr(submodule(m, owner), name)
 
 

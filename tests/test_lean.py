@@ -810,3 +810,29 @@ def test_timm_rexnet_keeps_its_class():
     block = res.module.features[2]
     assert block.in_channels == res.module.features[1].conv_pwl.conv.out_channels < m.features[2].in_channels
     torch.testing.assert_close(res.module(x), res.graph_module(x))
+
+
+class _ConstNet(nn.Module):
+    """Its forward makes a tensor from no input (torch.fx stores it on the traced copy as ``_tensor_constant0``,
+    as timm's Swin and torchvision's MaxViT do with their attention masks and position indices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        pos = torch.arange(6, dtype=torch.float32).view(1, 1, 1, 6)
+        return self.c2(torch.relu(self.c1(x)) + pos)
+
+
+def test_a_class_whose_forward_makes_a_constant_tensor_is_kept_by_its_program():
+    m = randomize(_ConstNet().eval())
+    x = torch.randn(2, 3, 6, 6)
+    res = fxprune.compile(m, x, ratio=0.5, verify="equivalence")
+    assert any(n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in res.original.graph.nodes)
+    assert type(res.module) is _ConstNet, res.report.notes
+    assert any("traces to the same program" in n for n in res.report.notes)
+    assert not hasattr(res.module, "_tensor_constant0") and not hasattr(m, "_tensor_constant0")
+    assert res.module.c1.out_channels < 8
+    torch.testing.assert_close(res.module(x), res.graph_module(x))
