@@ -34,6 +34,7 @@ from .errors import (FxpruneError, summary, FxpruneWarning, InputError, Shortfal
 from .flops import count_cost
 from .hierarchical import compile_hierarchical
 from .ir import Selection
+from .literals import with_literal_retry
 from .options import CompileOptions
 from .passes.select import Select
 from .passes.group import analyze_graph
@@ -260,25 +261,16 @@ def _keep_class(model: nn.Module, res: CompileResult, args: tuple[Any, ...], opt
         return res
     t0 = time.perf_counter()
 
-    def attempt(literals: bool, before: Any = None) -> tuple[Any, str, str, bool]:
-        program = ""
-        try:
-            rb = rebuild(model, res.graph_module, res.analysis, res.selection, res.original, options.rule_table,
-                         literals)
-            if before is not None and rb.attributes == before.attributes:
-                return rb, "", "the same copy", False  # no size read from a plain attribute: nothing new to check
-            program = "not traced" if trace_fn is None else same_program(
-                rb.module, res.graph_module, trace_fn, res.original.graph if rb.swaps_only else None)
-            why, second = ("", True) if not program else verify_rebuilt(rb.module, res.graph_module, args, kwargs)
-        except Exception as exc:  # noqa: BLE001 - any failure means: keep the graph result, say why
-            rb, why, second = None, f"could not be made ({type(exc).__name__}: {summary(exc)})", False
-        return rb, program, why, second
+    def check(rb: Any) -> tuple[str, str, bool]:
+        program = "not traced" if trace_fn is None else same_program(
+            rb.module, res.graph_module, trace_fn, res.original.graph if rb.swaps_only else None)
+        why, second = ("", True) if not program else verify_rebuilt(rb.module, res.graph_module, args, kwargs)
+        return why, program, second
 
-    rb, program, why, second = attempt(False)
-    if why and rb is not None:  # again with the sizes its forward reads from plain attributes (fxprune.literals)
-        again = attempt(True, rb)
-        if not again[2]:
-            rb, program, why, second = again
+    rb, (why, program, second) = with_literal_retry(
+        lambda literals: rebuild(model, res.graph_module, res.analysis, res.selection, res.original,
+                                 options.rule_table, literals),
+        check, lambda exc: (f"could not be made ({type(exc).__name__}: {summary(exc)})", "", False))
     if why or rb is None:
         msg = f"your {cls} class could not be kept: its copy with the pruned layers {why}"
         if options.result == "class":

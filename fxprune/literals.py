@@ -10,14 +10,14 @@ and the graph result is returned)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch.fx as fx
 from torch import nn
 
 from .flops import module_owner
 
-__all__ = ["literal_changes", "update_literal_attributes"]
+__all__ = ["literal_changes", "update_literal_attributes", "with_literal_retry"]
 
 
 def _ints(a: Any, out: list[int]) -> list[int]:
@@ -78,3 +78,29 @@ def update_literal_attributes(new: nn.Module, old: nn.Module, traced: fx.GraphMo
                 setattr(dst, k, y)
                 done.append(f"{path + '.' if path else ''}{k}: {v} -> {y}")
     return done
+
+
+def with_literal_retry(build: Callable[[bool], Any], check: Callable[[Any], tuple],
+                       failed: Callable[[Exception], tuple]) -> tuple[Any, tuple]:
+    """The class copy's two tries: ``build(literals)`` makes a copy (``literals=True``: with
+    :func:`update_literal_attributes`), ``check(copy)`` returns ``(why, *details)`` (``why`` '' accepts it) and
+    ``failed(exc)`` that tuple for an exception of either. A copy that was built but fails is built once more
+    with the literal sizes and checked again, unless that changed no attribute. Returns ``(copy or None,
+    outcome)`` of the accepted try, else of the first."""
+    first: tuple[Any, tuple] | None = None
+    for literals in (False, True):
+        try:
+            copy = build(literals)
+            if first is not None and copy.attributes == first[0].attributes:
+                break  # no size read from a plain attribute: the same copy, already refused
+            outcome = check(copy)
+        except Exception as exc:  # noqa: BLE001 - a copy that cannot be made or checked is refused, with why
+            copy, outcome = None, failed(exc)
+        if copy is not None and not outcome[0]:
+            return copy, outcome
+        if first is None:
+            first = (copy, outcome)
+            if copy is None:
+                break
+    assert first is not None
+    return first

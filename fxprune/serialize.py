@@ -63,6 +63,7 @@ from .errors import ConfigError, FxpruneError, InputError
 from .fileformat import (FORMAT, VERSION, ArchitectureMismatchError, FormatError, fingerprint,
                          graph_fingerprint, plain_data, read_file, write_file)
 from .ir import Selection, member_units
+from .literals import with_literal_retry
 from .passes.group import GroupChannels, analyze_graph
 from .passes.rewrite import rewrite_graph
 from .prepare import prepare
@@ -411,18 +412,10 @@ def _as_class(step: tuple[nn.Module, Any, Any, fx.GraphModule], out: fx.GraphMod
     """The saved result was the user's class: rebuild it around ``out``'s tensors (verified; if it does not
     match, the graph is returned with a warning)."""
     model, analysis, selection, traced = step
-    rb, why = None, ""
-    for literals in (False, True):  # the second time with the sizes its forward reads from plain attributes
-        try:
-            cand = rebuild(model, out, analysis, selection, traced, literals=literals)
-            msg, _ = verify_rebuilt(cand.module, out, inputs)
-        except Exception as exc:  # noqa: BLE001 - reported; the graph result is still right
-            cand, msg = None, f"could not be made ({type(exc).__name__}: {exc})"
-        if not msg and cand is not None:
-            rb, why = cand, ""
-            break
-        if not literals:
-            rb, why = cand, msg  # the first attempt's failure is the one reported
+    rb, (why, _) = with_literal_retry(
+        lambda literals: rebuild(model, out, analysis, selection, traced, literals=literals),
+        lambda cand: verify_rebuilt(cand.module, out, inputs),
+        lambda exc: (f"could not be made ({type(exc).__name__}: {exc})", False))  # the graph result is still right
     if why or rb is None:
         log.warning("fxprune.load: the saved model was a %s, but its copy with the pruned layers %s; returning "
                     "the GraphModule", type(model).__name__, why)

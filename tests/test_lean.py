@@ -836,3 +836,29 @@ def test_a_class_whose_forward_makes_a_constant_tensor_is_kept_by_its_program():
     assert not hasattr(res.module, "_tensor_constant0") and not hasattr(m, "_tensor_constant0")
     assert res.module.c1.out_channels < 8
     torch.testing.assert_close(res.module(x), res.graph_module(x))
+
+
+def test_the_literal_retry_reports_the_first_failure_and_skips_an_unchanged_copy():
+    from types import SimpleNamespace
+
+    from fxprune.literals import with_literal_retry
+
+    checked = []
+
+    def check(copy):
+        checked.append(copy.attributes)
+        return ("" if copy.attributes == ["b.n: 8 -> 4"] else "differs", "detail")
+
+    def build(attrs):
+        return lambda literals: SimpleNamespace(attributes=attrs + (["b.n: 8 -> 4"] if literals else []))
+
+    copy, out = with_literal_retry(build([]), check, lambda exc: (str(exc), ""))
+    assert out == ("", "detail") and copy.attributes == ["b.n: 8 -> 4"] and len(checked) == 2
+    checked.clear()
+    copy, out = with_literal_retry(lambda literals: SimpleNamespace(attributes=[]), check, lambda exc: ("x", ""))
+    assert out == ("differs", "detail") and len(checked) == 1  # the second copy is the same: not checked again
+
+    def boom(literals):
+        raise ValueError("no copy")
+
+    assert with_literal_retry(boom, check, lambda exc: (f"failed: {exc}", "")) == (None, ("failed: no copy", ""))
